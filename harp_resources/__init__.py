@@ -1,0 +1,1 @@
+"""Dagster resources that own models, devices and external systems (embedder, finetuner, evaluator, ANN)."""
