@@ -86,6 +86,9 @@ def parse_eval_set(eval_set: Any) -> list[EvalItem]:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise TypeError(f"eval_set row {i}: expected a dict, got {type(row).__name__}")
+        if "answer" not in row and "kind" in row:
+            # The normalised form `data_contracts.load_eval_set` returns: the answer is split by kind.
+            row = {**row, "answer": row.get("answer_index") if row["kind"] == "choice" else row.get("answer_text")}
         missing = [k for k in ("example_id", "domain", "prompt", "answer") if k not in row]
         if missing:
             raise ValueError(f"eval_set row {i}: missing field(s) {missing}")

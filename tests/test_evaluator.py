@@ -188,3 +188,21 @@ def test_importing_the_resources_does_not_import_vllm(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_eval_set_loaded_through_the_data_contract(lm, tmp_path):
+    """`load_eval_set` returns answers split by kind; the evaluator reads that form as it is."""
+    import json
+
+    from harp_resources.data_contracts import load_eval_set
+
+    model, tok = lm
+    rows = [dict(r) for r in MC_ROWS[:3]] + [{"example_id": "g", "domain": "gen", "prompt": "red", "answer": "zzz"}]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_eval_set(path)
+    assert "answer" not in loaded.columns
+    from_contract = Evaluator().evaluate(model, tok, loaded)
+    from_rows = Evaluator().evaluate(model, tok, rows)
+    assert from_contract.choice_scores == from_rows.choice_scores
+    assert from_contract.correct.tolist() == from_rows.correct.tolist()

@@ -1,0 +1,400 @@
+"""Loading and validating the user's data: the training pool and the evaluation set.
+
+Every problem raises one `DataContractError` whose message names the file and the offending rows or ids, so
+that a bad record is fixed at its source instead of surfacing later as a cryptic failure deep in a run.
+These functions only read; the writers at the end write atomically (temporary file, then `os.replace`).
+
+Formats: JSON Lines (`.jsonl`, `.ndjson`) or Parquet (`.parquet`, `.pq`), chosen by suffix, or a folder of
+such files (top level only, read in sorted file-name order and concatenated; hidden files and files with
+other suffixes are skipped with a warning). Rows are located as `row N` (0-based record index within its
+file); for JSON Lines the 1-based `line` is given as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+log = logging.getLogger("harp.data")
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+SUPPORTED_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+POOL_COLUMNS = ("example_id", "prompt", "response")
+EVAL_COLUMNS = ("example_id", "domain", "prompt", "answer")
+_SHOW = 10  # offending ids listed per message; the count says how many there are in all
+_FILE = "__harp_file"
+_ROW = "__harp_row"
+
+
+class DataContractError(ValueError):
+    """The user's data breaks the contract; the message names the file and the offending rows/ids."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+def data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files a path stands for: itself, or the supported files in a folder in sorted name order."""
+    p = Path(path)
+    if not p.exists():
+        raise DataContractError(p, "no such file or folder")
+    if p.is_dir():
+        files, skipped = [], []
+        for q in sorted(p.iterdir(), key=lambda q: q.name):
+            if not q.is_file() or q.name.startswith((".", "_")):
+                continue
+            (files if q.suffix.lower() in SUPPORTED_SUFFIXES else skipped).append(q)
+        if skipped:
+            log.warning("%s: skipped files without a data suffix: %s", p, ", ".join(q.name for q in skipped))
+        if not files:
+            raise DataContractError(
+                p, f"folder holds no data files (expected suffixes {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        return files
+    if p.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise DataContractError(
+            p, f"unsupported file suffix {p.suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    return [p]
+
+
+def _first_bad_jsonl_line(path: Path) -> str:
+    """Find why a JSON Lines file failed to parse, naming the line (only run on the error path)."""
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
+                if not isinstance(obj, dict):
+                    return f"line {lineno} is a JSON {type(obj).__name__}, not an object"
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    return "could not be parsed"
+
+
+def _read_one(path: Path) -> pl.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PARQUET_SUFFIXES:
+            df = pl.read_parquet(path)
+        else:
+            df = pl.read_ndjson(path, infer_schema_length=None)
+    except Exception as exc:  # polars raises several error types for malformed input
+        if suffix in JSONL_SUFFIXES:
+            raise DataContractError(
+                path, f"unreadable JSON Lines file: {_first_bad_jsonl_line(path)}"
+            ) from exc
+        raise DataContractError(path, f"unreadable Parquet file ({type(exc).__name__}: {exc})") from exc
+    if df.height == 0:
+        raise DataContractError(path, "file holds no records")
+    return df
+
+
+def _jsonl_line_numbers(path: Path) -> list[int]:
+    """1-based line number of each record (blank lines are skipped by the reader)."""
+    with path.open("r", encoding="utf-8") as fh:
+        return [i for i, line in enumerate(fh, start=1) if line.strip()]
+
+
+@dataclass
+class _Where:
+    """Turns (file, row) into 'file row N (line L)' for messages."""
+
+    _lines: dict[str, list[int]]
+
+    def __call__(self, file: str, row: int) -> str:
+        if Path(file).suffix.lower() in JSONL_SUFFIXES:
+            if file not in self._lines:
+                self._lines[file] = _jsonl_line_numbers(Path(file))
+            lines = self._lines[file]
+            if 0 <= row < len(lines):
+                return f"{Path(file).name} row {row} (line {lines[row]})"
+        return f"{Path(file).name} row {row}"
+
+
+def _listing(items: Sequence[str]) -> str:
+    more = f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return "; ".join(items[:_SHOW]) + more
+
+
+def _check_columns(df: pl.DataFrame, required: Iterable[str], file: Path) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataContractError(
+            file,
+            f"missing required column(s) {', '.join(map(repr, missing))}; columns present: "
+            f"{', '.join(map(repr, df.columns)) or '(none)'}",
+        )
+
+
+def _as_string_column(df: pl.DataFrame, col: str, file: Path, *, allow_int: bool = False) -> pl.DataFrame:
+    """Ensure `col` holds strings (all-null columns count as strings; integer ids are cast if allowed)."""
+    dtype = df.schema[col]
+    if dtype == pl.String:
+        return df
+    if dtype == pl.Null or (allow_int and dtype.is_integer()):
+        return df.with_columns(pl.col(col).cast(pl.String))
+    kinds = "strings (or integers)" if allow_int else "strings"
+    raise DataContractError(file, f"column {col!r} must hold {kinds}, found type {dtype}")
+
+
+def _read_all(
+    path: str | os.PathLike[str], required: Sequence[str], string_cols: Sequence[str]
+) -> tuple[pl.DataFrame, Path]:
+    """Read every file, check its columns, tag rows with their file and row, and concatenate."""
+    root = Path(path)
+    frames = []
+    for f in data_files(root):
+        df = _read_one(f)
+        _check_columns(df, required, f)
+        for col in string_cols:
+            df = _as_string_column(df, col, f, allow_int=(col == "example_id"))
+        df = df.with_columns(pl.lit(str(f)).alias(_FILE), pl.int_range(pl.len(), dtype=pl.Int64).alias(_ROW))
+        frames.append(df)
+    try:
+        out = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    except Exception as exc:
+        raise DataContractError(
+            root, f"files disagree on column types and cannot be combined: {exc}"
+        ) from exc
+    return out, root
+
+
+def _blank(col: str) -> pl.Expr:
+    return pl.col(col).is_null() | (pl.col(col).str.strip_chars() == "")
+
+
+def _report_rows(df: pl.DataFrame, where: _Where, *, with_id: bool = True) -> list[str]:
+    items = []
+    for rec in df.select(["example_id", _FILE, _ROW]).iter_rows(named=True):
+        loc = where(rec[_FILE], rec[_ROW])
+        items.append(f"id {rec['example_id']!r} at {loc}" if with_id and rec["example_id"] else loc)
+    return items
+
+
+def _check_ids(df: pl.DataFrame, root: Path, where: _Where) -> None:
+    bad = df.filter(_blank("example_id"))
+    if bad.height:
+        raise DataContractError(
+            root,
+            f"{bad.height} row(s) with a null or empty example_id: {_listing(_report_rows(bad, where, with_id=False))}",
+        )
+    dup = df.filter(pl.col("example_id").is_duplicated())
+    if dup.height:
+        groups = (
+            dup.group_by("example_id", maintain_order=True)
+            .agg(pl.col(_FILE), pl.col(_ROW))
+            .sort("example_id")
+        )
+        items = [
+            f"{rec['example_id']!r} at "
+            + ", ".join(where(f, r) for f, r in zip(rec[_FILE], rec[_ROW], strict=True))
+            for rec in groups.iter_rows(named=True)
+        ]
+        raise DataContractError(root, f"{groups.height} duplicate example_id(s): {_listing(items)}")
+
+
+# ---- pool ------------------------------------------------------------------------------------------------
+def load_pool(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """Load the candidate pool: unique `example_id`, non-blank `prompt` and `response`; extra columns kept.
+
+    Integer ids are accepted and cast to strings. Rows keep file order (files in sorted name order).
+    """
+    df, root = _read_all(path, POOL_COLUMNS, POOL_COLUMNS)
+    where = _Where({})
+    _check_ids(df, root, where)
+    for col in ("prompt", "response"):
+        bad = df.filter(_blank(col))
+        if bad.height:
+            raise DataContractError(
+                root, f"{bad.height} row(s) with a null or empty {col}: {_listing(_report_rows(bad, where))}"
+            )
+    return df.drop(_FILE, _ROW)
+
+
+# ---- eval set --------------------------------------------------------------------------------------------
+def load_eval_set(path: str | os.PathLike[str], *, domains: Sequence[str] | None = None) -> pl.DataFrame:
+    """Load the evaluation set and normalise each row to multiple choice or exact match.
+
+    A row whose `choices` is a non-null list is multiple choice (`kind="choice"`): at least 2 non-blank
+    string choices, and `answer` an integer index into them (an integer-valued string such as "2" is
+    accepted, since a column cannot mix types). Any other row is exact match (`kind="exact"`): `answer` a
+    non-blank string; an integer answer without choices is rejected as ambiguous. Mixed files are fine.
+
+    Output columns: example_id, domain, prompt, kind, choices (list[str], null for exact), answer_index
+    (Int64, null for exact), answer_text (the right choice's text, or the exact answer), then any extra
+    columns as read. With `domains`, every expected domain must have examples and no other may appear.
+    """
+    df, root = _read_all(path, EVAL_COLUMNS, ("example_id", "domain", "prompt"))
+    where = _Where({})
+    _check_ids(df, root, where)
+    for col in ("domain", "prompt"):
+        bad = df.filter(_blank(col))
+        if bad.height:
+            raise DataContractError(
+                root, f"{bad.height} row(s) with a null or empty {col}: {_listing(_report_rows(bad, where))}"
+            )
+
+    has_choices = "choices" in df.columns
+    if has_choices and not (df.schema["choices"] == pl.Null or isinstance(df.schema["choices"], pl.List)):
+        raise DataContractError(
+            root, f"column 'choices' must hold lists of strings, found type {df.schema['choices']}"
+        )
+    cols = ["example_id", "answer", _FILE, _ROW] + (["choices"] if has_choices else [])
+    kinds: list[str] = []
+    choices_out: list[list[str] | None] = []
+    index_out: list[int | None] = []
+    text_out: list[str] = []
+    problems: dict[str, list[str]] = {}
+
+    def problem(kind: str, rec: dict[str, Any], detail: str = "") -> None:
+        loc = where(rec[_FILE], rec[_ROW])
+        problems.setdefault(kind, []).append(f"id {rec['example_id']!r} at {loc}{detail}")
+
+    for rec in df.select(cols).iter_rows(named=True):
+        ch = rec["choices"] if has_choices else None
+        ans = rec["answer"]
+        if ch is not None:
+            kinds.append("choice")
+            choices_out.append(None)
+            index_out.append(None)
+            text_out.append("")
+            if any(not isinstance(c, str) or not c.strip() for c in ch):
+                problem("row(s) with null, blank or non-string choices", rec)
+                continue
+            if len(ch) < 2:
+                problem("multiple-choice row(s) with fewer than 2 choices", rec, f" ({len(ch)} choice)")
+                continue
+            idx = _as_index(ans)
+            if idx is None:
+                problem(
+                    "multiple-choice row(s) whose answer is not an integer index", rec, f" (answer {ans!r})"
+                )
+                continue
+            if not 0 <= idx < len(ch):
+                problem(
+                    "row(s) with an answer index out of range",
+                    rec,
+                    f" (answer {idx}, valid range 0..{len(ch) - 1})",
+                )
+                continue
+            choices_out[-1], index_out[-1], text_out[-1] = [str(c) for c in ch], idx, ch[idx]
+        else:
+            kinds.append("exact")
+            choices_out.append(None)
+            index_out.append(None)
+            text_out.append("")
+            if isinstance(ans, bool) or isinstance(ans, (int, float)):
+                problem(
+                    "row(s) with a numeric answer but no choices (give 'choices' for multiple "
+                    "choice, or the answer as a string for exact match)",
+                    rec,
+                    f" (answer {ans!r})",
+                )
+                continue
+            if not isinstance(ans, str) or not ans.strip():
+                problem("exact-match row(s) with a null or empty answer", rec)
+                continue
+            text_out[-1] = ans
+    if problems:
+        msg = "; ".join(f"{len(items)} {kind}: {_listing(items)}" for kind, items in problems.items())
+        raise DataContractError(root, msg)
+
+    out = df.drop("answer", *(["choices"] if has_choices else [])).with_columns(
+        pl.Series("kind", kinds, dtype=pl.String),
+        pl.Series("choices", choices_out, dtype=pl.List(pl.String)),
+        pl.Series("answer_index", index_out, dtype=pl.Int64),
+        pl.Series("answer_text", text_out, dtype=pl.String),
+    )
+    if domains is not None:
+        _check_domains(out, root, domains, where)
+    front = ["example_id", "domain", "prompt", "kind", "choices", "answer_index", "answer_text"]
+    rest = [c for c in out.columns if c not in front and c not in (_FILE, _ROW)]
+    return out.select(front + rest)
+
+
+def _as_index(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if s.lstrip("-").isdigit():
+            return int(s)
+    return None
+
+
+def _check_domains(df: pl.DataFrame, root: Path, domains: Sequence[str], where: _Where) -> None:
+    if isinstance(domains, str):
+        raise TypeError("domains must be a sequence of domain names, not a single string")
+    expected = list(dict.fromkeys(domains))
+    counts = dict(df.group_by("domain").len().iter_rows())
+    empty = [d for d in expected if d not in counts]
+    if empty:
+        raise DataContractError(
+            root,
+            f"expected domain(s) with no examples: {', '.join(map(repr, empty))}; "
+            f"domains present: {', '.join(map(repr, sorted(counts)))}",
+        )
+    unexpected = sorted(d for d in counts if d not in set(expected))
+    if unexpected:
+        items = []
+        for d in unexpected:
+            rows = df.filter(pl.col("domain") == d).head(3)
+            items.append(f"{d!r} ({counts[d]} rows, e.g. {', '.join(_report_rows(rows, where))})")
+        raise DataContractError(
+            root,
+            f"domain(s) not in the expected list {expected!r}: {_listing(items)}",
+        )
+
+
+# ---- atomic writers ---------------------------------------------------------------------------------------
+def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, str]:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return target, tmp
+
+
+def write_jsonl(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write `df` as JSON Lines, atomically (readers never see a half-written file)."""
+    target, tmp = _atomic_target(path)
+    try:
+        df.write_ndjson(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write `df` as Parquet, atomically."""
+    target, tmp = _atomic_target(path)
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
