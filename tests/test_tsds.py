@@ -1,4 +1,4 @@
-"""TSDS baseline: the probabilities follow METHOD.md's steps, behave as the parameters say, and validate."""
+"""TSDS baseline: the probabilities follow the README's TSDS steps, behave as the parameters say, and validate."""
 
 import heapq
 from pathlib import Path
@@ -24,7 +24,7 @@ def _random(n=300, m=6, dim=8, seed=0):
 
 
 def _loop_reference(X, Q, alpha, C, sigma, K, K_kde):
-    """The steps of METHOD.md written as plain loops over brute-force float64 distances."""
+    """The TSDS steps written as plain loops over brute-force float64 distances."""
     M = len(Q)
     D = np.sqrt(((Q[:, None, :] - X[None, :, :]) ** 2).sum(-1))
     ids = np.argsort(D, axis=1, kind="stable")[:, :K]

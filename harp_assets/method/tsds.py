@@ -4,8 +4,8 @@ Each query j owns 1/M of the probability mass and pours it onto its nearest cand
 common "water level" s shared by all queries: a candidate at level s receives 1 / (M * s * kde) from each
 query that reaches it, so near-duplicates (high kde) share what one distinct example would get. The level
 rises (a min-heap over the queries' running counts) until the transport cost outweighs the diversity term,
-i.e. until ``(alpha / C) * total_cost >= (1 - alpha) * M``. METHOD.md ("TSDS") fixes the steps; the module
-README section pins down the formulas and the edge cases decided here.
+i.e. until ``(alpha / C) * total_cost >= (1 - alpha) * M``. The README's TSDS section states the steps,
+the formulas and the edge cases decided here.
 """
 
 from __future__ import annotations
