@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pydantic import Field, PrivateAttr
 
+from harp_resources.atomic import replace_dir
 from harp_resources.device import DeviceResource, DeviceSpec, resolve_device
 from harp_resources.evaluator import (
     DEFAULT_SEPARATOR,
@@ -170,15 +171,6 @@ class TrainStats:
 
 # -- the resource --------------------------------------------------------------------------------------
 
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class LoraFinetuner(dg.ConfigurableResource):
@@ -322,7 +314,7 @@ class LoraFinetuner(dg.ConfigurableResource):
                     os.replace(f, flat / f.name)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp = flat
-            _replace_dir(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

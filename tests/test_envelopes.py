@@ -286,7 +286,7 @@ def test_bad_inputs_are_named():
         greedy_taskaware(phi, base, "expansive", active=np.ones(phi.shape[1]))
     with pytest.raises(ValueError, match="repeats leaf id 0"):
         envelope_objective(phi, base, [0, 0], "expansive")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="outside"):
         envelope_objective(phi, base, [phi.shape[0]], "expansive")
     with pytest.raises(ValueError, match="2-D"):
         greedy_taskaware(phi[0], base, "expansive")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from harp_resources.atomic import replace_dir
+
 log = logging.getLogger("harp.base_model")
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -44,16 +46,6 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
         raise ValueError(f"{what}: every text is empty")
     return texts
 
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished directory into place; an existing `dest` is swapped out first, then removed."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -114,7 +106,7 @@ def train_tokenizer(
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
             fast.save_pretrained(tmp)
-            _replace_dir(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -312,7 +304,7 @@ def _train_and_save(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / BUILD_FILE).write_text(json.dumps(info, indent=2))
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -99,19 +99,20 @@ def _as_count(value: Any, name: str) -> int:
     return int(value)
 
 
-def _as_subset(subset: Any, n_leaves: int) -> np.ndarray:
+def as_leaf_ids(subset: Any, n_leaves: int, name: str = "subset") -> np.ndarray:
+    """A 1-D array of distinct, in-range leaf ids; errors name the argument."""
     arr = np.atleast_1d(np.asarray([] if subset is None else subset))
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.ndim != 1 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"subset must be a 1-D sequence of integer leaf ids, got {arr.dtype} {arr.shape}")
+        raise ValueError(f"{name} must be a 1-D sequence of integer leaf ids, got {arr.dtype} {arr.shape}")
     arr = arr.astype(np.int64)
     out = (arr < 0) | (arr >= n_leaves)
     if out.any():
-        raise ValueError(f"subset leaf id {int(arr[out][0])} is out of range [0, {n_leaves})")
+        raise ValueError(f"{name} has leaf id {int(arr[out][0])} outside [0, {n_leaves})")
     uniq, counts = np.unique(arr, return_counts=True)
     if (counts > 1).any():
-        raise ValueError(f"subset repeats leaf id {int(uniq[counts > 1][0])}")
+        raise ValueError(f"{name} repeats leaf id {int(uniq[counts > 1][0])}")
     return arr
 
 
@@ -151,7 +152,7 @@ def envelope_objective(
     envelope = validate_envelope(envelope)
     phi = _as_phi(phi)
     act = _as_active(active, phi.shape[1])
-    idx = _as_subset(subset, phi.shape[0])
+    idx = as_leaf_ids(subset, phi.shape[0])
     w = np.zeros(phi.shape[0])
     w[idx] = 1.0
     y = envelope_values(phi, base, w, envelope)

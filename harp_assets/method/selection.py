@@ -16,6 +16,7 @@ import numpy as np
 from harp_assets.method.envelopes import (
     GreedyResult,
     active_domains,
+    as_leaf_ids,
     envelope_values,
     greedy_taskaware,
     validate_envelope,
@@ -74,20 +75,6 @@ def _as_csr(member_order: Any, leaf_offsets: Any) -> tuple[np.ndarray, np.ndarra
     return order, offsets
 
 
-def _as_leaf_ids(leaves: Any, n_leaves: int, name: str) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(leaves))
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.ndim != 1 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-D sequence of integer leaf ids, got {arr.dtype} {arr.shape}")
-    arr = arr.astype(np.int64)
-    bad = (arr < 0) | (arr >= n_leaves)
-    if bad.any():
-        raise ValueError(f"{name} has leaf id {int(arr[bad][0])} outside [0, {n_leaves})")
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        raise ValueError(f"{name} repeats leaf id {int(uniq[counts > 1][0])}")
-    return arr
 
 
 def cap_to_budget(
@@ -99,7 +86,7 @@ def cap_to_budget(
     position of that leaf in ``kept_leaves`` (0 = ranked first). ``top_k_points=None`` takes every row.
     """
     order, offsets = _as_csr(member_order, leaf_offsets)
-    kept = _as_leaf_ids(kept_leaves, offsets.size - 1, "kept_leaves")
+    kept = as_leaf_ids(kept_leaves, offsets.size - 1, "kept_leaves")
     budget = _as_budget(top_k_points)
     starts = offsets[kept]
     lengths = offsets[kept + 1] - starts
