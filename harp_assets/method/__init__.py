@@ -1,6 +1,7 @@
 """The HARP method core: plain numpy/faiss, no Dagster, so it can be tested and reused alone.
 
-Stages, in pipeline order: `hierarchy` (large -> parent -> leaf), `posteriors` (bootstrap main effects and
+Stages, in pipeline order: `hierarchy` (large -> parent -> leaf; `growth` keeps leaf ids stable as the
+pool grows), `posteriors` (bootstrap main effects and
 empirical-Bayes posteriors), `envelopes` + `selection` (HARP-C / HARP-E greedy ranking, best-prefix cut,
 point budget), and the baselines `tsds` and `random_selection`. `ann` holds the faiss index helpers.
 """
@@ -13,6 +14,7 @@ from harp_assets.method.envelopes import (
     envelope_objective,
     greedy_taskaware,
 )
+from harp_assets.method.growth import GrowthResult, LeafTable, grow_leaf_table, leaf_table_from_hierarchy
 from harp_assets.method.hierarchy import (
     Hierarchy,
     assign_to_nearest_leaf,
@@ -41,9 +43,11 @@ __all__ = [
     "ENVELOPES",
     "AnnIndex",
     "GreedyResult",
+    "GrowthResult",
     "HarpSelection",
     "Hierarchy",
     "Hyperparameters",
+    "LeafTable",
     "MainEffects",
     "Posteriors",
     "TsdsResult",
@@ -58,8 +62,10 @@ __all__ = [
     "faiss_gpu_available",
     "fit_posteriors",
     "greedy_taskaware",
+    "grow_leaf_table",
     "harp_select",
     "knn",
+    "leaf_table_from_hierarchy",
     "member_order_for",
     "normalized_embeddings",
     "predicted_utility",
