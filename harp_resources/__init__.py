@@ -23,6 +23,9 @@ _EXPORTS = {
     "DataContractError": "harp_resources.data_contracts",
     "load_pool": "harp_resources.data_contracts",
     "load_eval_set": "harp_resources.data_contracts",
+    "LineageStore": "harp_resources.lineage_store",
+    "LineageError": "harp_resources.lineage_store",
+    "EXAMPLE_QUERIES": "harp_resources.lineage_store",
 }
 
 __all__ = sorted(_EXPORTS)
