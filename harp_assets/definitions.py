@@ -1,0 +1,137 @@
+"""The HARP code location: every stage an asset, with the demo benchmark as the default configuration.
+
+Three jobs split the graph where leaf partitions are created: `harp_prepare_job` (pool, eval set,
+embeddings, hierarchy, base scores; it registers the leaf partitions), `leaf_utilities_job` (one run per
+contiguous range of requested leaf partitions; the base model loads once per run), and `harp_select_job`
+(posteriors, the four selections, the catalog). `run_harp` runs the three in order, asking the leaf job
+for the representative leaves only; already-measured, unchanged leaves are skipped inside the run.
+
+Importing this module builds nothing and loads no model: paths resolve when an asset runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+from harp_assets.base_scores import base_model_scores
+from harp_assets.demo.build import DEMO_LORA
+from harp_assets.embeddings import example_embeddings
+from harp_assets.leaf_utilities import leaf_utilities
+from harp_assets.leaves import LEAVES_PARTITIONS, leaf_hierarchy, load_leaf_table
+from harp_assets.posteriors import phi_posteriors
+from harp_assets.selections import (
+    harp_c_selection,
+    harp_e_selection,
+    lineage_catalog,
+    random_selection,
+    tsds_selection,
+)
+from harp_assets.settings import HarpSettings, demo_root
+from harp_assets.sources import pool_examples, proxy_eval_set
+from harp_resources.device import DeviceResource
+from harp_resources.embedder import EmbedderResource
+from harp_resources.evaluator import Evaluator
+from harp_resources.finetuner import LoraFinetuner
+from harp_resources.lineage_store import LineageStore
+from harp_resources.pool_source import PoolSource
+
+PREPARE_ASSETS = [pool_examples, proxy_eval_set, example_embeddings, leaf_hierarchy, base_model_scores]
+SELECT_ASSETS = [phi_posteriors, harp_c_selection, harp_e_selection, tsds_selection, random_selection, lineage_catalog]
+ALL_ASSETS = [*PREPARE_ASSETS, leaf_utilities, *SELECT_ASSETS]
+
+harp_prepare_job = dg.define_asset_job(
+    "harp_prepare_job", selection=[a.key for a in PREPARE_ASSETS],
+    description="Pool, eval set, embeddings, leaf hierarchy (registers leaf partitions) and base scores.",
+)
+leaf_utilities_job = dg.define_asset_job(
+    "leaf_utilities_job", selection=[leaf_utilities.key],
+    description="Measure leaf partitions; a partition range runs in one step with the base model loaded once.",
+)
+harp_select_job = dg.define_asset_job(
+    "harp_select_job", selection=[a.key for a in SELECT_ASSETS],
+    description="Posteriors from the measured leaves, the four selections, the run manifest and the DuckDB catalog.",
+)
+
+
+def default_resources() -> dict[str, Any]:
+    """The demo configuration; HARP_BASE_MODEL, HARP_POOL, HARP_EVAL and HARP_DEMO_DIR override it."""
+    device = DeviceResource(cpu_threads=int(os.environ.get("HARP_CPU_THREADS", "0")))
+    base_model = os.environ.get("HARP_BASE_MODEL") or str(demo_root() / "base_model")
+    return {
+        "pool_source": PoolSource.from_env_or_demo(),
+        "lineage": LineageStore(),
+        "settings": HarpSettings(),
+        "embedder": EmbedderResource(device=device),
+        "finetuner": LoraFinetuner(base_model=base_model, device=device, **DEMO_LORA),
+        "evaluator": Evaluator(),
+    }
+
+
+defs = dg.Definitions(
+    assets=ALL_ASSETS,
+    resources=default_resources(),
+    jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job],
+)
+
+
+def partition_ranges(registered: list[str], wanted: set[str]) -> list[tuple[str, str]]:
+    """Contiguous runs of `wanted` keys in the registered partition order, as (start, end) pairs."""
+    ranges: list[tuple[str, str]] = []
+    start = prev = None
+    for key in registered:
+        if key in wanted:
+            start = key if start is None else start
+            prev = key
+        elif start is not None:
+            ranges.append((start, prev))
+            start = None
+    if start is not None:
+        ranges.append((start, prev))
+    return ranges
+
+
+def run_harp(
+    instance: dg.DagsterInstance,
+    definitions: dg.Definitions = defs,
+    *,
+    leaf_ids: list[str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Materialise the whole graph in order: prepare, the representative leaves (or `leaf_ids`), select.
+
+    Returns the three stages' Dagster results (`leaf_runs` is a list: one run per partition range) and their
+    wall `seconds`; it stops after a stage whose run failed. Each leaf range runs as one step, so the
+    base model loads once per range.
+    """
+    results: dict[str, Any] = {"seconds": {}}
+    t0 = time.perf_counter()
+    results["prepare"] = definitions.resolve_job_def("harp_prepare_job").execute_in_process(
+        instance=instance, tags=dict(tags or {}))
+    results["seconds"]["prepare"] = time.perf_counter() - t0
+    if not results["prepare"].success:
+        return results
+    lineage = (definitions.resources or {}).get("lineage") or LineageStore()
+    table = load_leaf_table(lineage)
+    wanted = set(leaf_ids) if leaf_ids is not None else set(table.leaf_ids[table.representative].tolist())
+    registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
+    t0 = time.perf_counter()
+    results["leaf_runs"] = [
+        definitions.resolve_job_def("leaf_utilities_job").execute_in_process(
+            instance=instance,
+            tags={**dict(tags or {}), "dagster/asset_partition_range_start": a, "dagster/asset_partition_range_end": b},
+        )
+        for a, b in partition_ranges(registered, wanted)
+    ]
+    results["seconds"]["leaf_runs"] = time.perf_counter() - t0
+    if not all(r.success for r in results["leaf_runs"]):
+        return results
+    t0 = time.perf_counter()
+    results["select"] = definitions.resolve_job_def("harp_select_job").execute_in_process(
+        instance=instance, tags=dict(tags or {}))
+    results["seconds"]["select"] = time.perf_counter() - t0
+    return results
