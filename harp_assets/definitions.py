@@ -19,6 +19,7 @@ from typing import Any
 import dagster as dg
 
 from harp_assets.base_scores import base_model_scores
+from harp_assets.checks import CHECKS
 from harp_assets.demo.build import DEMO_LORA
 from harp_assets.embeddings import example_embeddings
 from harp_assets.leaf_utilities import leaf_utilities
@@ -31,6 +32,7 @@ from harp_assets.selections import (
     random_selection,
     tsds_selection,
 )
+from harp_assets.sensors import chain_sensors, daily_reselection, pool_growth_sensor
 from harp_assets.settings import HarpSettings, demo_root
 from harp_assets.sources import pool_examples, proxy_eval_set
 from harp_resources.device import DeviceResource
@@ -76,6 +78,9 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     resources=default_resources(),
     jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job],
+    asset_checks=CHECKS,
+    sensors=[pool_growth_sensor, *chain_sensors(harp_prepare_job, leaf_utilities_job, harp_select_job)],
+    schedules=[daily_reselection],
 )
 
 
