@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint bench-method bench-models
+.PHONY: setup test lint bench-method bench-models demo ui demo-data
 
 setup: $(VENV)/.installed
 
@@ -34,3 +34,22 @@ bench-method: setup
 bench-models: setup
 	mkdir -p reports
 	$(PY) benchmarks/embedder_throughput.py --json reports/embedder_throughput.json
+
+# The demo data and base model under $HARP_DEMO_DIR, else $(DAGSTER_HOME)/demo (a cache: rebuilt only when its configuration changes).
+DEMO_POOL ?= 20000
+DEMO_SEED ?= 0
+DEMO_BUILD_FLAGS ?=
+demo-data: setup
+	$(PY) -m harp_assets.demo.build --out "$${HARP_DEMO_DIR:-$(DAGSTER_HOME)/demo}" --pool-size $(DEMO_POOL) \
+		--seed $(DEMO_SEED) $(DEMO_BUILD_FLAGS)
+
+# Build the demo, materialise the whole graph and print the summary (selections, utilities, runs, timings).
+demo: setup
+	$(PY) -m harp_assets.demo_run --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
+
+# The Dagster UI on the demo, bound to loopback. `exec` under a launcher that restores default SIGINT/SIGTERM
+# handling: a shell started without a terminal leaves them ignored, and then Ctrl-C would not stop dagster.
+PORT ?= 3000
+ui: demo-data
+	exec $(PY) -c 'import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; os.execv(sys.argv[1], sys.argv[1:])' \
+		$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)

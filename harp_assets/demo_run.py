@@ -1,0 +1,164 @@
+"""The one-command demo: build (or reuse) the demo benchmark, materialise the whole graph, print a summary.
+
+`python -m harp_assets.demo_run [--pool-size N] [--seed S]` (what `make demo` runs). The demo goes to the
+definitions' default location (`HARP_DEMO_DIR`, else `$DAGSTER_HOME/demo`), is rebuilt only when its
+configuration changes, and the graph runs through `run_harp` on the `DAGSTER_HOME` instance, so a second
+call with nothing changed trains no leaf. The summary is read back from the run results and the lineage
+tables, never recomputed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+DEFAULT_POOL_SIZE = 20_000
+
+
+def _metadata(result: Any, node: str) -> dict[str, Any]:
+    """The metadata values of the first materialisation of `node` in an in-process run result."""
+    mats = result.asset_materializations_for_node(node)
+    return {k: v.value for k, v in mats[0].metadata.items()} if mats else {}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error message: Dagster wraps the failing step's exception in its own."""
+    seen = exc
+    while True:
+        inner = getattr(seen, "user_exception", None) or seen.__cause__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    return f"{type(seen).__name__}: {seen}"
+
+
+def step_seconds(instance: Any, results: dict[str, Any]) -> dict[str, float]:
+    """Wall seconds of every step (one per stage) in the runs of one `run_harp` call, from Dagster's step stats."""
+    from harp_assets.definitions import ALL_ASSETS
+
+    stages = [a.key.to_user_string() for a in ALL_ASSETS]
+    runs = [results["prepare"], *results.get("leaf_runs", []), results["select"]]
+    out: dict[str, float] = {}
+    for run in runs:
+        for stat in instance.get_run_step_stats(run.run_id):
+            if stat.start_time is not None and stat.end_time is not None:
+                key = stat.step_key if stat.step_key in stages else "asset_checks"
+                out[key] = out.get(key, 0.0) + stat.end_time - stat.start_time
+    return {k: out[k] for k in [*stages, "asset_checks"] if k in out}
+
+
+def summarise(results: dict[str, Any], lineage: Any, instance: Any) -> dict[str, Any]:
+    """The demo's figures from `run_harp`'s results, the runs' step stats and the newest run manifest."""
+    leaf_md = [_metadata(r, "leaf_utilities") for r in results.get("leaf_runs", [])]
+    select = results["select"]
+    sizes = lineage.query("SELECT method, count(*) AS n FROM latest_selections GROUP BY method ORDER BY method")
+    manifest = lineage.query("SELECT * FROM run_manifests ORDER BY created_at DESC LIMIT 1")
+    if manifest.height == 0:
+        raise RuntimeError(f"no run manifest in {lineage.catalog_path}: the lineage_catalog asset did not run")
+    row = manifest.row(0, named=True)
+    hier = _metadata(results["prepare"], "leaf_hierarchy")
+    return {
+        "selection_sizes": dict(sizes.iter_rows()),
+        "predicted_per_domain": {
+            method: _metadata(select, f"{method}_selection").get("predicted_per_domain", {})
+            for method in ("harp_c", "harp_e")
+        },
+        "train_eval_runs_this_call": sum(int(m.get("trained", 0)) for m in leaf_md),
+        "leaves_skipped_up_to_date": sum(int(m.get("skipped_up_to_date", 0)) for m in leaf_md),
+        "train_eval_runs_stored": int(row["train_eval_runs"]),
+        "leaves_measured_current": int(row["leaves_measured"]),
+        "leaves_total": int(row["leaves_total"]),
+        "representatives": hier.get("representatives"),
+        "examples": int(row["examples"]),
+        "pool_version": row["pool_version"],
+        "stage_seconds": {k: round(v, 2) for k, v in step_seconds(instance, results).items()},
+        "stage_seconds_in_manifest": json.loads(row["seconds_json"]),
+        "job_seconds": {k: round(v, 2) for k, v in results["seconds"].items()},
+        "duckdb": str(lineage.catalog_path),
+        "run_id": row["run_id"],
+    }
+
+
+def _print_summary(s: dict[str, Any], demo_seconds: float, total_seconds: float) -> None:
+    print("\nHARP demo: summary")
+    print(f"  examples in pool        {s['examples']}  (pool version {s['pool_version']})")
+    print("  selection sizes         " + ", ".join(f"{m}={n}" for m, n in s["selection_sizes"].items()))
+    for method, per_domain in s["predicted_per_domain"].items():
+        shown = ", ".join(f"{d}={v:+.4f}" for d, v in per_domain.items()) or "(none)"
+        print(f"  predicted utility {method:<7}{shown}")
+    print(f"  train-evaluate runs     {s['train_eval_runs_this_call']} this call "
+          f"({s['leaves_skipped_up_to_date']} leaves skipped, up to date); {s['train_eval_runs_stored']} stored "
+          f"for {s['leaves_total']} leaves in the hierarchy ({s['representatives']} representatives, "
+          f"{s['leaves_measured_current']} measured and current)")
+    print("  wall time per stage (s) " + ", ".join(f"{k}={v:.2f}" for k, v in s["stage_seconds"].items()))
+    print("  wall time per job (s)   " + ", ".join(f"{k}={v:.2f}" for k, v in s["job_seconds"].items())
+          + f", demo build={demo_seconds:.2f}, total={total_seconds:.2f}")
+    print(f"  DuckDB catalog          {s['duckdb']}  (open read-only: duckdb -readonly {s['duckdb']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harp_assets.demo_run", description=__doc__.splitlines()[0])
+    ap.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE, help="demo pool size (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="demo data and base-model seed (default %(default)s)")
+    ap.add_argument("--no-build", action="store_true",
+                    help="build nothing: use the data already configured (an existing demo folder, or HARP_POOL, "
+                    "HARP_EVAL and HARP_BASE_MODEL)")
+    ap.add_argument("--json", action="store_true", help="also print the summary as one JSON object")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    t_start = time.perf_counter()
+    try:
+        from harp_assets.settings import dagster_home, demo_root
+
+        home = dagster_home()
+        home.mkdir(parents=True, exist_ok=True)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from harp_assets.demo.build import build_demo
+
+    demo_dir = demo_root()
+    t0 = time.perf_counter()
+    if not args.no_build:
+        print(f"demo data: {demo_dir} (pool {args.pool_size}, seed {args.seed}; reused when already built)")
+        try:
+            build_demo(demo_dir, pool_size=args.pool_size, seed=args.seed)
+        except (ValueError, OSError) as exc:
+            print(f"error: building the demo in {demo_dir} failed: {exc}", file=sys.stderr)
+            return 1
+    demo_seconds = time.perf_counter() - t0
+
+    import dagster as dg
+
+    from harp_assets.definitions import defs, run_harp
+
+    lineage = defs.resources["lineage"]
+    print(f"materialising the HARP graph on the instance in {home}")
+    with dg.DagsterInstance.get() as instance:
+        try:
+            results = run_harp(instance)
+        except Exception as exc:  # a failing step raises out of execute_in_process
+            print(f"error: the HARP pipeline failed: {_root_cause(exc)}", file=sys.stderr)
+            return 1
+        for stage in ("prepare", "leaf_runs", "select"):
+            got = results.get(stage)
+            ok = got is not None and (all(r.success for r in got) if isinstance(got, list) else got.success)
+            if not ok:
+                print(f"error: the HARP pipeline stopped at stage {stage!r}; see the run in `make ui`",
+                      file=sys.stderr)
+                return 1
+        summary = summarise(results, lineage, instance)
+    _print_summary(summary, demo_seconds, time.perf_counter() - t_start)
+    if args.json:
+        print(json.dumps({**summary, "demo_seconds": round(demo_seconds, 2)}, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
