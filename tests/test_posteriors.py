@@ -472,3 +472,20 @@ def test_scale_smoke_twenty_thousand_leaves() -> None:
     assert post.mean.shape == post.sd.shape == (G, D)
     assert np.isfinite(post.mean).all() and np.isfinite(post.sd).all() and (post.sd > 0).all()
     assert post.hyper.converged.all()
+
+
+def test_two_measured_leaves_keep_variances_bounded():
+    """With two measured leaves the penalised likelihood rises without bound; variances stop at 1."""
+    parent_of_leaf = np.array([0, 0, 1, 1, 2, 2])
+    region_of_parent = np.array([0, 0, 1])
+    phi = np.full((6, 2), np.nan)
+    var = np.full((6, 2), np.nan)
+    measured = np.zeros(6, dtype=bool)
+    measured[[0, 2]] = True
+    phi[[0, 2]] = [[-0.05, 0.0], [0.0, 0.025]]
+    var[[0, 2]] = 1e-4
+    post = fit_posteriors(phi, var, measured, parent_of_leaf, region_of_parent)
+    assert np.isfinite(post.mean).all() and np.isfinite(post.sd).all()
+    for name in ("tau_R2", "tau_P2", "tau_L2"):
+        assert (np.asarray(getattr(post.hyper, name)) <= 1.0 + 1e-12).all()
+    assert post.sd.max() <= 2.0

@@ -325,13 +325,16 @@ def _fit_variances(
     max_iter: int,
     tol: float,
     prior: float,
+    max_var: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """REML variances per domain: projected Newton in log-variances with a step cap and line search.
 
     Working in log(tau2) keeps the three variances on one scale and lets a variance whose optimum is 0
     reach the floor in a few capped steps. The gradient is exact (one sweep); the Hessian is a forward
     difference of it (one sweep per free variance). A variance at the floor whose gradient points down is
-    held there. Where the Hessian is not negative definite the step is steepest ascent; every accepted step
+    held there, and so is one at the ceiling ``max_var`` whose gradient points up: main effects are differences
+    of scores in [0, 1], so no variance component can exceed 1, and with very few measured leaves the penalised
+    likelihood can keep rising without bound (the ``log tau2`` prior outgrows the likelihood's decline). Where the Hessian is not negative definite the step is steepest ascent; every accepted step
     raises the objective, the restricted log-likelihood plus ``prior * sum(log tau2)`` over free variances.
     """
     D = y.shape[1]
@@ -342,11 +345,13 @@ def _fit_variances(
     spread = y.var(axis=0)
     noise = s.mean(axis=0)
     scale = spread + noise  # the data's own variance scale, for the stopping rule
-    theta[free] = np.maximum(np.maximum(spread - noise, 0.25 * spread), 10.0 * min_var) / free.sum()
+    theta[free] = np.minimum(
+        np.maximum(np.maximum(spread - noise, 0.25 * spread), 10.0 * min_var) / free.sum(), 0.5 * max_var
+    )
     fidx = np.flatnonzero(free)
     k = fidx.size
     diag = np.arange(k)
-    floor = np.log(min_var)
+    floor, ceiling = np.log(min_var), np.log(max_var)
     cap, h = 2.0, 1e-4  # largest log-variance step per iteration; finite-difference step
     converged = np.zeros(D, dtype=bool)
     sw = _sweep(tree, y, s, theta)
@@ -363,7 +368,7 @@ def _fit_variances(
             tj[fj] *= np.exp(h)
             H[:, :, j] = (tj[fidx] * _sweep(tree, ya, sa, tj).grad[fidx]).T + prior - g
         H = 0.5 * (H + H.transpose(0, 2, 1)) / h
-        held = (eta <= floor + 1e-9) & (g <= 0)
+        held = ((eta <= floor + 1e-9) & (g <= 0)) | ((eta >= ceiling - 1e-9) & (g >= 0))
         Hm = np.where(held[:, :, None] | held[:, None, :], 0.0, H)
         Hm[:, diag, diag] = np.where(held, -1.0, H[:, diag, diag])
         gm = np.where(held, 0.0, g)
@@ -380,7 +385,7 @@ def _fit_variances(
         for _ in range(40):  # halve the step, for the domains still waiting, until the likelihood rises
             pend = np.flatnonzero(~accepted)
             trial = th[:, pend].copy()
-            trial[fidx] = np.maximum(np.exp(eta[pend] + t * step[pend]), min_var).T
+            trial[fidx] = np.clip(np.exp(eta[pend] + t * step[pend]), min_var, max_var).T
             tsw = _sweep(tree, ya[:, pend], sa[:, pend], trial)
             obj = tsw.loglik + prior * np.log(trial[fidx]).sum(axis=0)
             ok = obj >= ll0[pend] - 1e-10 * (1.0 + np.abs(ll0[pend]))  # rounding slack
