@@ -102,10 +102,19 @@ def _paths(root: Path, with_model: bool) -> DemoPaths:
     )
 
 
+def _generator_source_hash() -> str:
+    """Hash of the generator's source: a changed generator must not be served from an old folder's cache.
+    (Regenerating the data is cheap, and the base model has its own cache keyed by its pretraining text.)"""
+    from harp_assets.demo import generator
+
+    return hashlib.sha256(Path(generator.__file__).read_bytes()).hexdigest()
+
+
 def demo_fingerprint(data: DemoDataConfig, model: BaseModelConfig | None) -> str:
     """Hash of everything a build depends on."""
     desc = {
         "format": DEMO_FORMAT_VERSION,
+        "generator": _generator_source_hash(),
         "data": data.to_dict(),
         "model": dataclasses.asdict(model) if model is not None else None,
     }
