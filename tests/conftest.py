@@ -6,6 +6,7 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,3 +52,43 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return train_small_causal_lm(tiny_corpus(), out, seed=0, **TINY_CONFIG)
     finally:
         torch.set_num_threads(before)
+
+
+def tiny_pipeline_setup(
+    root: Path,
+    *,
+    pool: int,
+    growth: int,
+    base: Any,
+    settings: dict[str, Any],
+    lora: dict[str, Any],
+) -> tuple[Path, Any, dict[str, Any]]:
+    """A tiny demo under `root`: the first `pool` rows as one pool file, the next `growth` rows kept for a growth
+    step, and the pipeline's resources on one CPU thread. DAGSTER_HOME must already point at a temporary folder."""
+    import polars as pl
+
+    from harp_assets.demo.build import build_demo
+    from harp_assets.settings import HarpSettings
+    from harp_resources.device import DeviceResource
+    from harp_resources.embedder import EmbedderResource
+    from harp_resources.evaluator import Evaluator
+    from harp_resources.finetuner import LoraFinetuner
+    from harp_resources.lineage_store import LineageStore
+    from harp_resources.pool_source import PoolSource
+
+    demo = build_demo(root / "demo", pool_size=pool + growth, seed=0, model=base)
+    full = pl.read_parquet(demo.pool)
+    pool_dir = root / "pool"
+    pool_dir.mkdir()
+    full.head(pool).write_parquet(pool_dir / "part-000.parquet")
+    resources = {
+        "pool_source": PoolSource(pool_path=str(pool_dir), eval_path=str(demo.eval_set)),
+        "lineage": LineageStore(),
+        "settings": HarpSettings(**settings),
+        "embedder": EmbedderResource(device="cpu", max_length=32),
+        "finetuner": LoraFinetuner(
+            base_model=str(demo.base_model), device=DeviceResource(device="cpu", cpu_threads=1), **lora
+        ),
+        "evaluator": Evaluator(batch_size=64),
+    }
+    return pool_dir, full, resources

@@ -5,9 +5,9 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 import pytest
 import torch
+from conftest import tiny_pipeline_setup
 
 from harp_assets import leaf_utilities as lu
 from harp_assets.definitions import (
@@ -19,14 +19,8 @@ from harp_assets.definitions import (
     partition_ranges,
     run_harp,
 )
-from harp_assets.demo.build import BaseModelConfig, build_demo
-from harp_assets.settings import HarpSettings
-from harp_resources.device import DeviceResource
-from harp_resources.embedder import EmbedderResource
-from harp_resources.evaluator import Evaluator
-from harp_resources.finetuner import LoraFinetuner
+from harp_assets.demo.build import BaseModelConfig
 from harp_resources.lineage_store import LineageStore
-from harp_resources.pool_source import PoolSource
 
 pytestmark = pytest.mark.slow
 
@@ -46,23 +40,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(home))
-        demo = build_demo(root / "demo", pool_size=POOL + GROWTH, seed=0, model=TINY_BASE)
-        full = pl.read_parquet(demo.pool)
-        pool_dir = root / "pool"
-        pool_dir.mkdir()
-        full.head(POOL).write_parquet(pool_dir / "part-000.parquet")
-        device = DeviceResource(device="cpu", cpu_threads=1)
-        resources = {
-            "pool_source": PoolSource(pool_path=str(pool_dir), eval_path=str(demo.eval_set)),
-            "lineage": LineageStore(),
-            "settings": HarpSettings(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1,
-                                     top_k_points=BUDGET, n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0,
-                                     max_leaf_size=80),
-            "embedder": EmbedderResource(device="cpu", max_length=32),
-            "finetuner": LoraFinetuner(base_model=str(demo.base_model), device=device, r=8, epochs=4,
-                                       batch_size=16, max_length=96, learning_rate=1e-2),
-            "evaluator": Evaluator(batch_size=64),
-        }
+        pool_dir, full, resources = tiny_pipeline_setup(
+            root, pool=POOL, growth=GROWTH, base=TINY_BASE,
+            settings=dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1, top_k_points=BUDGET, n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80),
+            lora=dict(r=8, epochs=4, batch_size=16, max_length=96, learning_rate=1e-2),
+        )
         test_defs = dg.Definitions(assets=ALL_ASSETS, resources=resources,
                                    jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job])
         with dg.instance_for_test() as instance:
