@@ -88,7 +88,8 @@ def sets_from_hierarchy(
     from harp_resources.embedder import EmbedderResource
 
     emb = EmbedderResource(device="cpu")
-    cache = paths.root / f"embeddings-{emb.model_id}.npy"
+    pool_sha = paths.read_manifest()["files"][paths.pool.name][:12]
+    cache = paths.root / f"embeddings-{emb.model_id}-pool{pool_sha}.npy"  # stale if the pool changes
     t0 = time.perf_counter()
     if cache.is_file():
         X = np.load(cache)
