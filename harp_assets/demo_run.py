@@ -41,7 +41,7 @@ def step_seconds(instance: Any, results: dict[str, Any]) -> dict[str, float]:
     from harp_assets.definitions import ALL_ASSETS
 
     stages = [a.key.to_user_string() for a in ALL_ASSETS]
-    runs = [results["prepare"], *results.get("leaf_runs", []), results["select"]]
+    runs = [results["prepare"], *results.get("leaf_runs", []), *results.get("select_runs", [results["select"]])]
     out: dict[str, float] = {}
     for run in runs:
         for stat in instance.get_run_step_stats(run.run_id):
@@ -49,6 +49,27 @@ def step_seconds(instance: Any, results: dict[str, Any]) -> dict[str, float]:
                 key = stat.step_key if stat.step_key in stages else "asset_checks"
                 out[key] = out.get(key, 0.0) + stat.end_time - stat.start_time
     return {k: out[k] for k in [*stages, "asset_checks"] if k in out}
+
+
+def dagster_overhead(instance: Any, results: dict[str, Any]) -> dict[str, float] | None:
+    """What Dagster adds around the leaf train-evaluate cycles: the leaf runs' wall time (run start to end,
+    from the instance) minus the cycles' own seconds, per trained partition and as a share of the cycles."""
+    runs = results.get("leaf_runs", [])
+    trained = sum(int(_metadata(r, "leaf_utilities").get("trained", 0)) for r in runs)
+    cycles = sum(float(_metadata(r, "leaf_utilities").get("train_eval_seconds", 0.0)) for r in runs)
+    if not trained or cycles <= 0:
+        return None
+    wall = 0.0
+    for r in runs:
+        stats = instance.get_run_stats(r.run_id)
+        wall += float(stats.end_time - stats.start_time)
+    extra = max(wall - cycles, 0.0)
+    return {
+        "leaf_run_seconds": round(wall, 3),
+        "train_eval_seconds": round(cycles, 3),
+        "per_partition_seconds": round(extra / trained, 4),
+        "percent_of_train_eval": round(100.0 * extra / cycles, 2),
+    }
 
 
 def summarise(results: dict[str, Any], lineage: Any, instance: Any) -> dict[str, Any]:
@@ -78,6 +99,7 @@ def summarise(results: dict[str, Any], lineage: Any, instance: Any) -> dict[str,
         "stage_seconds": {k: round(v, 2) for k, v in step_seconds(instance, results).items()},
         "stage_seconds_in_manifest": json.loads(row["seconds_json"]),
         "job_seconds": {k: round(v, 2) for k, v in results["seconds"].items()},
+        "dagster_overhead": dagster_overhead(instance, results),
         "duckdb": str(lineage.catalog_path),
         "run_id": row["run_id"],
     }
@@ -97,6 +119,10 @@ def _print_summary(s: dict[str, Any], demo_seconds: float, total_seconds: float)
     print("  wall time per stage (s) " + ", ".join(f"{k}={v:.2f}" for k, v in s["stage_seconds"].items()))
     print("  wall time per job (s)   " + ", ".join(f"{k}={v:.2f}" for k, v in s["job_seconds"].items())
           + f", demo build={demo_seconds:.2f}, total={total_seconds:.2f}")
+    if s.get("dagster_overhead"):
+        o = s["dagster_overhead"]
+        print(f"  Dagster overhead        {o['per_partition_seconds']:.3f} s per leaf partition, "
+              f"{o['percent_of_train_eval']:.2f}% of the {o['train_eval_seconds']:.1f} s of train-evaluate cycles")
     print(f"  DuckDB catalog          {s['duckdb']}  (open read-only: duckdb -readonly {s['duckdb']})")
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 
 from harp_assets import stages
+from harp_assets.active_round import harp_leaves
 from harp_assets.base_scores import load_base
 from harp_assets.leaf_utilities import leaf_versions, read_measurements
 from harp_assets.leaves import load_leaf_table
@@ -77,13 +78,20 @@ def _heatmap(mean: np.ndarray, measured: np.ndarray, domains: list[str]) -> str 
 def phi_posteriors(
     context: dg.AssetExecutionContext, finetuner: LoraFinetuner, settings: HarpSettings, lineage: LineageStore
 ) -> dg.MaterializeResult:
-    """Posterior mean and sd of every leaf's per-domain effect phi, from the up-to-date measured leaves."""
+    """Posterior mean and sd of every leaf's per-domain effect phi, from HARP's up-to-date measured leaves.
+
+    HARP's leaves are the representatives and the active rounds' picks; other measured partitions (the
+    exhaustive validation mode) are left out, so the posteriors never use data HARP did not pay for.
+    """
     t0 = time.perf_counter()
     table = load_leaf_table(lineage)
     base, meta = load_base(lineage)
     domains = list(meta["domains"])
     versions = leaf_versions(lineage, finetuner, settings)
-    fresh, stale = read_measurements(lineage, versions)
+    fresh_all, stale = read_measurements(lineage, versions)
+    wanted = harp_leaves(lineage)
+    fresh = {leaf: frame for leaf, frame in fresh_all.items() if leaf in wanted}
+    stale = [leaf for leaf in stale if leaf in wanted]
     if not fresh:
         raise ValueError(
             "no up-to-date leaf measurements: materialise leaf_utilities for the representative leaves first "
@@ -133,6 +141,7 @@ def phi_posteriors(
         "measured": int(post.measured.sum()),
         "inferred": int(G - post.measured.sum()),
         "stale_partitions": len(stale),
+        "measured_outside_harp": len(fresh_all) - len(fresh),
         "representatives_unmeasured": len(unmeasured_reps),
         "active_domains": dg.MetadataValue.json([d for d, a in zip(domains, active, strict=True) if a]),
         "notes": dg.MetadataValue.json(list(post.hyper.fallback)),

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from harp_assets import stages
+from harp_assets.active_round import harp_leaves, read_plan
 from harp_assets.base_scores import load_base
 from harp_assets.embeddings import load_embeddings
 from harp_assets.leaf_utilities import leaf_versions, read_measurements
@@ -176,7 +177,7 @@ def _stage_seconds(context: dg.AssetExecutionContext) -> dict[str, float]:
 @dg.asset(
     group_name=GROUP,
     kinds={"duckdb"},
-    deps=["harp_c_selection", "harp_e_selection", "tsds_selection", "random_selection"],
+    deps=["harp_c_selection", "harp_e_selection", "tsds_selection", "random_selection", "active_round_plan"],
 )
 def lineage_catalog(
     context: dg.AssetExecutionContext,
@@ -190,7 +191,10 @@ def lineage_catalog(
     pool, version = load_pool_artifact(lineage)
     table = load_leaf_table(lineage)
     _, bmeta = load_base(lineage)
-    fresh, _ = read_measurements(lineage, leaf_versions(lineage, finetuner, settings))
+    fresh_all, _ = read_measurements(lineage, leaf_versions(lineage, finetuner, settings))
+    wanted = harp_leaves(lineage)
+    fresh = [leaf for leaf in fresh_all if leaf in wanted]
+    rounds = read_plan(lineage)
     stored = lineage.partition_keys("leaf_utilities")
     now = dt.datetime.now(dt.timezone.utc)
     manifest = pl.DataFrame({
@@ -207,8 +211,11 @@ def lineage_catalog(
         "leaves_measured": [len(fresh)],
         "examples": [pool.height],
         "seconds_json": [json.dumps(_stage_seconds(context), sort_keys=True)],
+        "active_rounds": [len(rounds)],
+        "active_leaves": [sum(len(r["leaves"]) for r in rounds)],
     }, schema_overrides={"created_at": pl.Datetime("us", "UTC"), "train_eval_runs": pl.Int32,
-                         "leaves_total": pl.Int32, "leaves_measured": pl.Int32})
+                         "leaves_total": pl.Int32, "leaves_measured": pl.Int32, "active_rounds": pl.Int32,
+                         "active_leaves": pl.Int32})
     lineage.append_run("run_manifests", context.run.run_id, manifest, exist_ok=True)
     files = lineage.refresh_catalog()
     sizes = lineage.query(

@@ -12,6 +12,9 @@ A sensor cannot chain runs itself, so the three jobs are linked by run-status se
    stale (stored data version differs from the expected one). With nothing to train it requests
    `harp_select_job` directly, and nothing at all when the stored posteriors already fit the current leaves.
 3. `selection_after_leaves_sensor` requests `harp_select_job` once every leaf run of a batch succeeded.
+4. `active_round_sensor` reacts to a successful chained selection run: when `active_round_plan` asked for
+   leaves that are not measured yet, it requests their leaf runs as a new batch, and sensor 3 then selects
+   again with them in the posteriors. With nothing pending the chain ends.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from dataclasses import dataclass
 
 import dagster as dg
 
+from harp_assets.active_round import harp_leaves, planned_leaves
 from harp_assets.leaf_utilities import leaf_versions, stored_version
-from harp_assets.leaves import LEAVES_PARTITIONS, load_leaf_table
+from harp_assets.leaves import LEAVES_PARTITIONS
 from harp_assets.posteriors import POSTERIORS_META
 from harp_assets.settings import HarpSettings, artifacts_dir, read_json
 from harp_assets.sources import POOL_META
@@ -161,11 +165,15 @@ def daily_reselection(
 
 
 def stale_representatives(lineage: LineageStore, finetuner: LoraFinetuner, settings: HarpSettings) -> list[str]:
-    """Representative leaves never measured or whose stored data version is not the expected one."""
-    table = load_leaf_table(lineage)
+    """HARP's leaves (representatives and active-round picks) never measured or with a stale data version."""
     versions = leaf_versions(lineage, finetuner, settings)
-    reps = sorted(table.leaf_ids[table.representative].tolist())
-    return [leaf for leaf in reps if stored_version(lineage, leaf) != versions[leaf]]
+    return [leaf for leaf in sorted(harp_leaves(lineage)) if stored_version(lineage, leaf) != versions[leaf]]
+
+
+def pending_active_leaves(lineage: LineageStore, finetuner: LoraFinetuner, settings: HarpSettings) -> list[str]:
+    """Leaves an active round planned that have no up-to-date measurement yet."""
+    versions = leaf_versions(lineage, finetuner, settings)
+    return [leaf for leaf in planned_leaves(lineage) if stored_version(lineage, leaf) != versions[leaf]]
 
 
 def posteriors_current(lineage: LineageStore, finetuner: LoraFinetuner, settings: HarpSettings) -> bool:
@@ -176,7 +184,8 @@ def posteriors_current(lineage: LineageStore, finetuner: LoraFinetuner, settings
     meta = read_json(out / POSTERIORS_META, "phi_posteriors")
     pool_meta = read_json(out / POOL_META, "pool_examples")
     versions = leaf_versions(lineage, finetuner, settings)
-    fresh = sorted(leaf for leaf, dv in versions.items() if stored_version(lineage, leaf) == dv)
+    wanted = harp_leaves(lineage)
+    fresh = sorted(leaf for leaf, dv in versions.items() if leaf in wanted and stored_version(lineage, leaf) == dv)
     return meta.get("pool_version") == pool_meta["pool_version"] and sorted(meta.get("measured_leaves", [])) == fresh
 
 
@@ -186,8 +195,11 @@ def leaf_requests(
     finetuner: LoraFinetuner,
     settings: HarpSettings,
     batch: str,
+    *,
+    select_when_idle: bool = True,
 ) -> dg.SensorResult:
-    """Leaf runs for the new or stale representatives (one per contiguous range), else the selection job."""
+    """Leaf runs for HARP's new or stale leaves (one per contiguous range), else the selection job (when
+    `select_when_idle` and the posteriors are not current)."""
     from harp_assets.definitions import partition_ranges  # the module that registers these sensors
 
     wanted = stale_representatives(lineage, finetuner, settings)
@@ -195,6 +207,8 @@ def leaf_requests(
     missing = [k for k in wanted if k not in set(registered)]
     ranges = partition_ranges(registered + missing, set(wanted))
     if not ranges:
+        if not select_when_idle:
+            return dg.SensorResult(skip_reason="no leaf of HARP's plan is waiting to be measured")
         if posteriors_current(lineage, finetuner, settings):
             return dg.SensorResult(skip_reason="no stale representative leaf and the posteriors are current")
         return dg.SensorResult(run_requests=[dg.RunRequest(
@@ -217,7 +231,7 @@ def chain_sensors(
     leaf_job: dg.UnresolvedAssetJobDefinition,
     select_job: dg.UnresolvedAssetJobDefinition,
 ) -> list[dg.RunStatusSensorDefinition]:
-    """The two run-status sensors that chain prepare -> leaf runs -> selection (built from the job objects)."""
+    """The run-status sensors that chain prepare -> leaf runs -> selection -> active rounds (from the job objects)."""
 
     @dg.run_status_sensor(
         run_status=dg.DagsterRunStatus.SUCCESS,
@@ -258,4 +272,23 @@ def chain_sensors(
         return dg.SensorResult(run_requests=[dg.RunRequest(
             run_key=f"select-{batch}", job_name=select_job.name, tags={CHAIN_TAG: "selection_after_leaves_sensor"})])
 
-    return [leaf_refresh_sensor, selection_after_leaves_sensor]
+    @dg.run_status_sensor(
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        name="active_round_sensor",
+        monitored_jobs=[select_job],
+        request_jobs=[leaf_job],
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="After a chained selection: leaf runs for the active round's leaves, when one is planned.",
+    )
+    def active_round_sensor(
+        context: dg.RunStatusSensorContext, lineage: LineageStore, finetuner: LoraFinetuner, settings: HarpSettings
+    ) -> dg.SensorResult:
+        """The chain's last link: never requests a selection itself, so it cannot loop."""
+        if CHAIN_TAG not in context.dagster_run.tags:
+            return dg.SensorResult(skip_reason=f"selection run {context.dagster_run.run_id} is not chained")
+        if not pending_active_leaves(lineage, finetuner, settings):
+            return dg.SensorResult(skip_reason="no active-round leaf is waiting to be measured")
+        return leaf_requests(context.instance, lineage, finetuner, settings, f"active-{context.dagster_run.run_id}",
+                             select_when_idle=False)
+
+    return [leaf_refresh_sensor, selection_after_leaves_sensor, active_round_sensor]

@@ -31,13 +31,19 @@ class HarpSettings(dg.ConfigurableResource):
 
     seed: int = Field(default=0, description="one seed for clustering, LoRA, bootstrap and sampling")
     leaf_size: int = Field(default=100, description="target examples per leaf")
-    leaves_per_parent: int = 8
+    leaves_per_parent: int = Field(
+        default=12, description="target leaves per parent; with 2 representatives ~1/6 of leaves are trained")
     parents_per_region: int = 8
     n_representatives: int = Field(default=2, description="leaves measured per parent")
     max_leaf_size: int = Field(default=400, description="a leaf grown past this splits when the pool grows")
     top_k_points: int = Field(default=2000, description="point budget shared by every selection")
     n_boot: int = Field(default=200, description="bootstrap resamples of the proxy set per domain")
     z_active: float = Field(default=1.0, description="a domain is active when some leaf is this many sds from 0")
+    active_runs: int = Field(default=0, ge=0, description="extra leaf runs per active round (0: none)")
+    active_rounds: int = Field(default=1, ge=0, description="active measuring rounds after the representatives")
+    active_z: float = Field(default=1.0, ge=0, description="optimism of an unmeasured leaf's possible gain")
+    primary_envelope: str = Field(
+        default="conservative", description="envelope of the exhaustive oracle selection (validation group)")
     tsds_alpha: float = 0.5
     tsds_C: float = 5.0
     tsds_sigma: float = 0.75
@@ -63,6 +69,25 @@ class HarpSettings(dg.ConfigurableResource):
 
     def as_json(self) -> str:
         return json.dumps(self.model_dump(), sort_keys=True)
+
+
+class ValidationSettings(dg.ConfigurableResource):
+    """Where the validation group scores selections: a held-out test split never used for selection."""
+
+    test_path: str = Field(description="held-out test split (eval-set format: JSONL or Parquet)")
+    ground_truth_path: str | None = Field(
+        default=None, description="optional example_id -> kind file (the demo's); gives harmful/redundant shares")
+    seed: int = Field(default=0, description="training seed of the validation adapters")
+    include_full_pool: bool = Field(default=True, description="also train on the whole pool (the costliest run)")
+
+    @classmethod
+    def from_env_or_demo(cls) -> ValidationSettings:
+        """`HARP_TEST` (and `HARP_GROUND_TRUTH`) when set, else the demo's test split and ground truth."""
+        test = os.environ.get("HARP_TEST")
+        if test:
+            return cls(test_path=test, ground_truth_path=os.environ.get("HARP_GROUND_TRUTH") or None)
+        root = demo_root()
+        return cls(test_path=str(root / "test.jsonl"), ground_truth_path=str(root / "ground_truth.parquet"))
 
 
 # --------------------------------------------------------------------------------------------------------

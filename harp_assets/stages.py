@@ -62,6 +62,7 @@ __all__ = [
     "select_harp",
     "select_random",
     "select_tsds",
+    "validate_examples",
 ]
 
 logger = logging.getLogger("harp.stages")
@@ -348,6 +349,43 @@ def measure_leaf(
         first_loss=stats.first_loss,
         last_loss=stats.last_loss,
         train_seconds=stats.seconds,
+        eval_seconds=result.seconds,
+        seconds=time.perf_counter() - t0,
+        seed=int(seed),
+    )
+
+
+def validate_examples(
+    finetuner: LoraFinetuner,
+    evaluator: Evaluator,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    test_set: Any,
+    *,
+    seed: int,
+) -> LeafMeasurement:
+    """A selection's validated utility: train a fresh adapter on it and score the held-out test split.
+
+    The same cycle as a leaf measurement, with the validation recipe and the test split in place of the
+    proxy set. An empty selection (HARP may rightly pick nothing) is the base model itself, with no training.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if len(prompts):
+        return measure_leaf(finetuner, evaluator, prompts, responses, test_set, seed=seed)
+    t0 = time.perf_counter()
+    result = score_base(finetuner, evaluator, test_set)
+    return LeafMeasurement(
+        example_ids=tuple(result.example_ids),
+        domains=tuple(result.domains),
+        correct=np.asarray(result.correct, dtype=np.float32).copy(),
+        per_domain=dict(result.per_domain),
+        n_train=0,
+        train_steps=0,
+        train_tokens=0,
+        first_loss=float("nan"),
+        last_loss=float("nan"),
+        train_seconds=0.0,
         eval_seconds=result.seconds,
         seconds=time.perf_counter() - t0,
         seed=int(seed),

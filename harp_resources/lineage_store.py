@@ -133,6 +133,36 @@ SCHEMAS: dict[str, pl.Schema] = {
             "leaves_measured": pl.Int32,
             "examples": pl.Int64,
             "seconds_json": pl.String,
+            "active_rounds": pl.Int32,
+            "active_leaves": pl.Int32,
+        }
+    ),
+    "active_rounds": pl.Schema(
+        {
+            "round_id": pl.String,
+            "round": pl.Int32,
+            "rank": pl.Int32,
+            "leaf_id": pl.String,
+            "score": pl.Float64,
+            "created_at": UTC_US,
+            "run_id": pl.String,
+        }
+    ),
+    "validation_results": pl.Schema(
+        {
+            "validation_id": pl.String,
+            "method": pl.String,
+            "selection_id": pl.String,
+            "domain": pl.String,
+            "accuracy": pl.Float64,
+            "base_accuracy": pl.Float64,
+            "examples": pl.Int32,
+            "harmful_share": pl.Float64,
+            "redundant_share": pl.Float64,
+            "train_seconds": pl.Float64,
+            "seed": pl.Int64,
+            "created_at": UTC_US,
+            "run_id": pl.String,
         }
     ),
 }
@@ -146,10 +176,18 @@ TABLE_KINDS: dict[str, str] = {
     "leaf_utilities": "partition",
     "selections": "history",
     "run_manifests": "history",
+    "active_rounds": "history",
+    "validation_results": "history",
 }
 
 # The column whose value a keyed file's rows must all carry, so a file name never disagrees with its rows.
-KEY_COLUMNS: dict[str, str] = {"leaf_utilities": "leaf_id", "selections": "selection_id", "run_manifests": "run_id"}
+KEY_COLUMNS: dict[str, str] = {
+    "leaf_utilities": "leaf_id",
+    "selections": "selection_id",
+    "run_manifests": "run_id",
+    "active_rounds": "round_id",
+    "validation_results": "validation_id",
+}
 
 # Columns that may hold nulls; every other column must be filled.
 NULLABLE: dict[str, frozenset[str]] = {
@@ -161,6 +199,9 @@ NULLABLE: dict[str, frozenset[str]] = {
     # Random selection has no gain; a baseline without a utility model predicts nothing.
     "selections": frozenset({"gain", "predicted_utility", "run_id"}),
     "run_manifests": frozenset(),
+    "active_rounds": frozenset({"run_id"}),
+    # Without a ground-truth file the harmful/redundant shares are unknown; the full pool has no selection.
+    "validation_results": frozenset({"harmful_share", "redundant_share", "selection_id", "run_id"}),
 }
 
 # Rows that must be unique within one write (a file), so joins in the catalog do not fan out.
@@ -171,6 +212,8 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "phi_posteriors": ("leaf_id", "domain"),
     "selections": ("selection_id", "example_id"),
     "run_manifests": ("run_id",),
+    "active_rounds": ("round_id", "leaf_id"),
+    "validation_results": ("validation_id", "method", "domain"),
 }
 
 _DUCKDB_TYPES: dict[Any, str] = {

@@ -36,7 +36,7 @@ TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_po
 BUDGET = 60
 POOL = 240
 GROWTH = 24
-LEAF_SENSOR, SELECT_SENSOR = chain_sensors(harp_prepare_job, leaf_utilities_job, harp_select_job)
+LEAF_SENSOR, SELECT_SENSOR, ACTIVE_SENSOR = chain_sensors(harp_prepare_job, leaf_utilities_job, harp_select_job)
 CHECKS_JOB = dg.define_asset_job("harp_checks_job", selection=dg.AssetSelection.all_asset_checks())
 
 
@@ -119,7 +119,7 @@ def test_definitions_register_sensors_schedule_and_checks():
     dg.Definitions.validate_loadable(defs)
     assert defs.get_sensor_def("pool_growth_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     assert {s.name for s in defs.sensors} == {"pool_growth_sensor", "leaf_refresh_sensor",
-                                              "selection_after_leaves_sensor"}
+                                              "selection_after_leaves_sensor", "active_round_sensor"}
     sched = defs.get_schedule_def("daily_reselection")
     assert sched.cron_schedule == reselect_cron()
     assert sched.default_status == dg.DefaultScheduleStatus.RUNNING and sched.job_name == "harp_prepare_job"

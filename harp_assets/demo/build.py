@@ -47,6 +47,10 @@ DEMO_LORA: dict[str, Any] = {
     "max_length": 96,
 }
 
+# The validation recipe: one fixed recipe for every selection and the full pool. Fewer epochs than a leaf
+# measurement because selections are 10-60x larger; 4 epochs keep the full-pool run affordable on a CPU.
+VALIDATION_LORA: dict[str, Any] = {**DEMO_LORA, "epochs": 4}
+
 _BUILDS = 0
 
 

@@ -1,0 +1,225 @@
+"""The validation group: what each selection is really worth, measured on a held-out test split.
+
+Off the default jobs (it trains one adapter per selection plus the full pool, and the exhaustive oracle
+needs every leaf measured); `make validate` runs it. Two assets:
+
+- `exhaustive_selection`: the oracle HARP approximates. Every leaf is measured (ordinary `leaf_utilities`
+  partitions), the posteriors are fitted on all of them and the primary envelope selects under the same
+  budget. Its metadata holds the rank correlation between HARP's posterior means and these measured effects.
+- `selection_validation`: the newest HARP-C, HARP-E, TSDS, random and exhaustive selections, and the full
+  pool, each LoRA-finetuned with one fixed recipe (`validation_finetuner`) and scored on the test split
+  (never the proxy set). Results go to the `validation_results` lineage table and the metadata.
+"""
+
+
+import base64
+import datetime as dt
+import io
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from harp_assets import stages
+from harp_assets.base_scores import load_base
+from harp_assets.benchmark.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
+from harp_assets.leaf_utilities import leaf_versions, read_measurements
+from harp_assets.leaves import load_leaf_table
+from harp_assets.method.envelopes import active_domains
+from harp_assets.posteriors import load_posteriors
+from harp_assets.selections import _record
+from harp_assets.settings import HarpSettings, ValidationSettings, sha16
+from harp_assets.sources import load_pool_artifact
+from harp_resources.data_contracts import load_eval_set
+from harp_resources.evaluator import Evaluator
+from harp_resources.finetuner import LoraFinetuner
+from harp_resources.lineage_store import LineageStore
+
+VALIDATION_GROUP = "validation"
+VALIDATED_METHODS = ("harp_c", "harp_e", "tsds", "random", "exhaustive")
+
+
+def all_leaf_measurements(
+    lineage: LineageStore, finetuner: LoraFinetuner, settings: HarpSettings
+) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Correctness of every current leaf, keyed by leaf index, aligned with the base evaluation; and the ids
+    of the leaves not measured or stale (which the exhaustive mode needs measured first)."""
+    table = load_leaf_table(lineage)
+    base, _ = load_base(lineage)
+    fresh, _ = read_measurements(lineage, leaf_versions(lineage, finetuner, settings))
+    missing = sorted(set(table.leaf_ids.tolist()) - set(fresh))
+    pos = {eid: i for i, eid in enumerate(base.example_ids)}
+    out: dict[int, np.ndarray] = {}
+    for leaf, frame in fresh.items():
+        corr = np.full(len(pos), np.nan)
+        corr[[pos[e] for e in frame["example_id"].to_list()]] = frame["correct"].to_numpy()
+        out[table.index_of(leaf)] = corr
+    return out, missing
+
+
+@dg.asset(group_name=VALIDATION_GROUP, kinds={"numpy"},
+          deps=["leaf_utilities", "leaf_hierarchy", "base_model_scores", "phi_posteriors"])
+def exhaustive_selection(
+    context: dg.AssetExecutionContext, settings: HarpSettings, finetuner: LoraFinetuner, lineage: LineageStore
+) -> dg.MaterializeResult:
+    """The oracle: every leaf measured, the primary envelope selecting on those effects at the same budget."""
+    t0 = time.perf_counter()
+    table = load_leaf_table(lineage)
+    measurements, missing = all_leaf_measurements(lineage, finetuner, settings)
+    if missing:
+        raise ValueError(
+            f"the exhaustive mode needs every leaf measured; {len(missing)} of {table.n_leaves} are not (or are "
+            f"stale), e.g. {missing[:5]}: run `make validate`, or materialise every leaf_utilities partition"
+        )
+    base, meta = load_base(lineage)
+    domains = list(meta["domains"])
+    effects = stages.main_effects(measurements, base, domains, n_boot=settings.n_boot, seed=settings.seed)
+    idx = np.array(sorted(measurements), dtype=np.int64)
+    post = stages.infer_posteriors(table, effects, idx)
+    b = stages.base_scores(base, domains)
+    sel = stages.select_harp(post, b, table, envelope=settings.primary_envelope,
+                             top_k_points=settings.top_k_points, z_active=settings.z_active)
+    ids = table.example_ids[sel.example_rows.tolist()].tolist()
+    active = np.asarray(sel.active, dtype=bool)
+    pred = np.asarray(sel.predicted_rows, dtype=np.float64)
+    md = _record(context, lineage, "exhaustive", ids, settings.top_k_points,
+                 np.asarray(sel.row_gain, dtype=np.float64).tolist(),
+                 float(pred[active].mean()) if active.any() else None)
+    # How well HARP's posteriors (from its own leaves only) rank the effects the oracle measured.
+    harp_post, pmeta = load_posteriors(lineage)
+    phi_all = effects.phi_hat  # rows follow idx = every leaf, in index order
+    inferred = ~harp_post.measured
+    act = active_domains(harp_post.mean, harp_post.sd, z=settings.z_active) | active
+    rho_all = spearman(harp_post.mean[:, act], phi_all[:, act]) if act.any() else float("nan")
+    rho_inf = (spearman(harp_post.mean[inferred][:, act], phi_all[inferred][:, act])
+               if act.any() and inferred.any() else float("nan"))
+    md.update({
+        "envelope": settings.primary_envelope,
+        "train_eval_runs": len(measurements),
+        "harp_leaves_measured": len(pmeta["measured_leaves"]),
+        "spearman_posterior_vs_exhaustive": round(rho_all, 4),
+        "spearman_inferred_leaves": round(rho_inf, 4),
+        "predicted_per_domain": dg.MetadataValue.json(
+            {d: round(float(v), 4) for d, v in zip(domains, pred, strict=True)}),
+        "note": sel.note or "",
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    context.log.info(f"exhaustive: {len(ids)} examples from {table.n_leaves} measured leaves; "
+                     f"Spearman(HARP posterior, measured) = {rho_all:.3f} ({rho_inf:.3f} on inferred leaves)")
+    return dg.MaterializeResult(metadata=md)
+
+
+def _bar_plot(rows: list[dict], base: float) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+    names = [r["method"] for r in rows]
+    ax.bar(names, [r["accuracy"] for r in rows], color="#4c72b0")
+    ax.axhline(base, color="k", linestyle="--", linewidth=1, label=f"base {base:.3f}")
+    ax.set_ylabel("test accuracy (mean over domains)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return f"![validated accuracy](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+@dg.asset(group_name=VALIDATION_GROUP, kinds={"pytorch", "duckdb"}, pool="gpu",
+          deps=["harp_c_selection", "harp_e_selection", "tsds_selection", "random_selection",
+                "exhaustive_selection", "pool_examples"])
+def selection_validation(
+    context: dg.AssetExecutionContext,
+    settings: HarpSettings,
+    validation: ValidationSettings,
+    validation_finetuner: LoraFinetuner,
+    evaluator: Evaluator,
+    lineage: LineageStore,
+) -> dg.MaterializeResult:
+    """Each newest selection and the full pool, finetuned with one recipe and scored on the held-out split."""
+    t0 = time.perf_counter()
+    pool, version = load_pool_artifact(lineage)
+    test = load_eval_set(validation.test_path)
+    truth = load_ground_truth(validation.ground_truth_path) if validation.ground_truth_path else None
+    latest = lineage.query(
+        "SELECT method, selection_id, example_id FROM latest_selections ORDER BY method, rank")
+    by_id = {e: k for k, e in enumerate(pool["example_id"].to_list())}
+    prompts, responses = pool["prompt"].to_list(), pool["response"].to_list()
+    sets: list[tuple[str, str | None, list[str]]] = []
+    for method in VALIDATED_METHODS:
+        rows = latest.filter(pl.col("method") == method)
+        if rows.height == 0 and method != "exhaustive":
+            raise ValueError(f"no {method} selection in {lineage.catalog_path}: materialise the selections first")
+        if rows.height:
+            sets.append((method, rows["selection_id"][0], rows["example_id"].to_list()))
+    if validation.include_full_pool:
+        sets.append(("full", None, pool["example_id"].to_list()))
+    base_eval = stages.validate_examples(validation_finetuner, evaluator, [], [], test, seed=validation.seed)
+    domains = sorted(base_eval.per_domain)
+    base_mean = float(np.mean([base_eval.per_domain[d] for d in domains]))
+    now = dt.datetime.now(dt.timezone.utc)
+    vid = f"validation-{now:%Y%m%dT%H%M%S}-{sha16(context.run.run_id)[:8]}"
+    frames, summary = [], []
+    for k, (method, sid, ids) in enumerate(sets, start=1):
+        absent = [e for e in ids if e not in by_id]
+        if absent:
+            raise ValueError(f"{method} selection {sid} names {len(absent)} example(s) not in the pool "
+                             f"{version}, e.g. {absent[:3]}: materialise the selections again")
+        rows = [by_id[e] for e in ids]
+        m = stages.validate_examples(validation_finetuner, evaluator, [prompts[r] for r in rows],
+                                     [responses[r] for r in rows], test, seed=validation.seed)
+        shares = kind_shares(ids, truth, ("harmful", "redundant")) if truth is not None else None
+        acc = float(np.mean([m.per_domain[d] for d in domains]))
+        summary.append({"method": method, "examples": len(ids), "accuracy": acc,
+                        "harmful_share": shares["harmful"] if shares else None,
+                        "redundant_share": shares["redundant"] if shares else None,
+                        "train_seconds": m.train_seconds})
+        frames.append(pl.DataFrame({
+            "validation_id": vid, "method": method, "selection_id": sid, "domain": domains,
+            "accuracy": [float(m.per_domain[d]) for d in domains],
+            "base_accuracy": [float(base_eval.per_domain[d]) for d in domains],
+            "examples": len(ids), "harmful_share": shares["harmful"] if shares else None,
+            "redundant_share": shares["redundant"] if shares else None, "train_seconds": m.train_seconds,
+            "seed": validation.seed, "created_at": now, "run_id": context.run.run_id,
+        }, schema_overrides={"examples": pl.Int32, "seed": pl.Int64, "selection_id": pl.String,
+                             "harmful_share": pl.Float64, "redundant_share": pl.Float64,
+                             "created_at": pl.Datetime("us", "UTC")}))
+        context.log.info(f"validation {k}/{len(sets)}: {method} ({len(ids)} examples) -> test accuracy "
+                         f"{acc:.3f} (base {base_mean:.3f}), {m.seconds:.1f} s")
+    lineage.append_run("validation_results", vid, pl.concat(frames))
+    lineage.refresh_catalog()
+    oracle = next((r["accuracy"] for r in summary if r["method"] == "exhaustive"), None)
+    lines = ["| method | examples | test accuracy | gain (points) | of oracle gain | harmful | redundant |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary:
+        frac = oracle_fraction(r["accuracy"], oracle, base_mean) if oracle is not None else float("nan")
+        lines.append(
+            f"| {r['method']} | {r['examples']} | {r['accuracy']:.3f} | {100 * (r['accuracy'] - base_mean):+.1f} | "
+            + (f"{frac:.2f}" if np.isfinite(frac) else "-") + " | "
+            + " | ".join(f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("harmful_share", "redundant_share"))
+            + " |")
+    md = {
+        "validation_id": vid,
+        "base_accuracy": round(base_mean, 4),
+        "results": dg.MetadataValue.md("\n".join(lines)),
+        "accuracy": dg.MetadataValue.json({r["method"]: round(r["accuracy"], 4) for r in summary}),
+        "recipe_epochs": validation_finetuner.epochs,
+        "test_examples": test.height,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    img = _bar_plot(summary, base_mean)
+    if img:
+        md["accuracy_plot"] = dg.MetadataValue.md(img)
+    return dg.MaterializeResult(metadata=md)
+
+
+def exhaustive_leaf_ids(lineage: LineageStore) -> list[str]:
+    """Every current leaf: what the exhaustive mode measures (HARP's own leaves are among them, cached)."""
+    return load_leaf_table(lineage).leaf_ids.tolist()
+
