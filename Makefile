@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint bench-method bench-models demo ui demo-data
+.PHONY: setup test lint bench bench-method bench-models demo validate ui demo-data
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,18 @@ demo-data: setup
 # Build the demo, materialise the whole graph and print the summary (selections, utilities, runs, timings).
 demo: setup
 	$(PY) -m harp_assets.demo_run --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
+
+# The validation group on the demo, after the main job: measure every leaf (the exhaustive oracle), then
+# finetune on each selection and the full pool and score the held-out test split.
+validate: setup
+	$(PY) -m harp_assets.demo_run --validate --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
+
+# The selection-quality and cost benchmark: HARP-C/E, active rounds, exhaustive oracle, TSDS, random and the
+# full pool over 3 seeds and 3 budgets, report in reports/benchmark/. A quick look: BENCH_FLAGS="--pool-size
+# 2000 --seeds 0". Finished seeds are cached, so an interrupted run resumes.
+BENCH_FLAGS ?=
+bench: setup
+	$(PY) -m harp_assets.benchmark.run $(BENCH_FLAGS)
 
 # The Dagster UI on the demo, bound to loopback. `exec` under a launcher that restores default SIGINT/SIGTERM
 # handling: a shell started without a terminal leaves them ignored, and then Ctrl-C would not stop dagster.

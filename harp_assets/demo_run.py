@@ -126,6 +126,25 @@ def _print_summary(s: dict[str, Any], demo_seconds: float, total_seconds: float)
     print(f"  DuckDB catalog          {s['duckdb']}  (open read-only: duckdb -readonly {s['duckdb']})")
 
 
+def _print_validation(vres: dict[str, Any], lineage: Any) -> dict[str, Any]:
+    """The validation table (newest validation run) and the exhaustive oracle's agreement figures."""
+    ex = _metadata(vres["validate"], "exhaustive_selection")
+    val = _metadata(vres["validate"], "selection_validation")
+    rows = lineage.query(
+        "SELECT method, any_value(examples) AS examples, avg(accuracy) AS accuracy, avg(base_accuracy) AS base, "
+        "any_value(harmful_share) AS harmful, any_value(redundant_share) AS redundant FROM validation_results "
+        "WHERE validation_id = $vid GROUP BY method ORDER BY accuracy DESC", {"vid": val["validation_id"]})
+    print("\nHARP demo: validation on the held-out test split")
+    for r in rows.iter_rows(named=True):
+        shares = (f", harmful {r['harmful']:.2f}, redundant {r['redundant']:.2f}" if r["harmful"] is not None else "")
+        print(f"  {r['method']:<11} {r['examples']:>6} examples  test accuracy {r['accuracy']:.3f} "
+              f"({100 * (r['accuracy'] - r['base']):+.1f} points){shares}")
+    print(f"  exhaustive oracle: {ex.get('train_eval_runs')} leaves measured; Spearman(HARP posterior, measured "
+          f"effect) = {ex.get('spearman_posterior_vs_exhaustive')}, on inferred leaves "
+          f"{ex.get('spearman_inferred_leaves')}")
+    return {"results": rows.to_dicts(), "exhaustive": ex, "seconds": vres["seconds"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harp_assets.demo_run", description=__doc__.splitlines()[0])
     ap.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE, help="demo pool size (default %(default)s)")
@@ -134,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="build nothing: use the data already configured (an existing demo folder, or HARP_POOL, "
                     "HARP_EVAL and HARP_BASE_MODEL)")
     ap.add_argument("--json", action="store_true", help="also print the summary as one JSON object")
+    ap.add_argument("--validate", action="store_true",
+                    help="then run the validation group: measure every leaf (the exhaustive oracle) and score each "
+                    "selection and the full pool on the held-out test split")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -180,7 +202,20 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 1
         summary = summarise(results, lineage, instance)
-    _print_summary(summary, demo_seconds, time.perf_counter() - t_start)
+        _print_summary(summary, demo_seconds, time.perf_counter() - t_start)
+        if args.validate:
+            from harp_assets.definitions import run_validation
+
+            print("validation: measuring every leaf (exhaustive oracle), then each selection on the test split")
+            try:
+                vres = run_validation(instance)
+            except Exception as exc:
+                print(f"error: the validation group failed: {_root_cause(exc)}", file=sys.stderr)
+                return 1
+            if not vres.get("validate") or not vres["validate"].success:
+                print("error: the validation group did not finish; see the run in `make ui`", file=sys.stderr)
+                return 1
+            summary["validation"] = _print_validation(vres, lineage)
     if args.json:
         print(json.dumps({**summary, "demo_seconds": round(demo_seconds, 2)}, sort_keys=True, default=str))
     return 0

@@ -198,7 +198,8 @@ NULLABLE: dict[str, frozenset[str]] = {
     "phi_posteriors": frozenset(),
     # Random selection has no gain; a baseline without a utility model predicts nothing.
     "selections": frozenset({"gain", "predicted_utility", "run_id"}),
-    "run_manifests": frozenset(),
+    # Manifests written before active rounds existed read these as null.
+    "run_manifests": frozenset({"active_rounds", "active_leaves"}),
     "active_rounds": frozenset({"run_id"}),
     # Without a ground-truth file the harmful/redundant shares are unknown; the full pool has no selection.
     "validation_results": frozenset({"harmful_share", "redundant_share", "selection_id", "run_id"}),

@@ -1,0 +1,316 @@
+"""The selection-quality and cost benchmark: HARP-C / HARP-E (with and without active rounds) against TSDS,
+random, the full pool and the exhaustive oracle, on the demo benchmark, over several seeds and budgets.
+
+`python -m harp_assets.benchmark.run` (what `make bench` runs). Per seed: the hierarchy is built, EVERY leaf
+is measured once (the exhaustive oracle's data; HARP's representatives and active-round picks are subsets
+of it, so their measurements are the same cycles, and each method is charged only for the leaves it uses),
+the selections are made at each budget with the same stage functions the Dagster assets call, and every
+selection and the full pool is LoRA-finetuned with one fixed recipe and scored on the held-out test split.
+The seed varies the clustering, the LoRA initialisation and batch order, the bootstrap, the baselines'
+sampling and the validation runs; the demo world (data, proxy and test sets, base model) is the seed-0 one.
+
+Finished seeds are cached under `<out>/cache/`, keyed by the whole configuration, so an interrupted run
+resumes where it stopped. The report (README.md, PNG plots, results.json) is written by `report.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("harp.benchmark")
+
+DEFAULT_POOL = 10_000
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_DENOMINATORS = (14, 7, 3)  # budgets of about 1/14, 1/7 and 1/3 of the pool
+MAIN_DENOMINATOR = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Everything a benchmark result depends on (its hash keys the per-seed cache)."""
+
+    pool_size: int = DEFAULT_POOL
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    denominators: tuple[int, ...] = DEFAULT_DENOMINATORS
+    main_denominator: int = MAIN_DENOMINATOR
+    active_runs: int = 4
+    active_rounds: int = 2
+    envelope: str = "expansive"  # of harp_active and the exhaustive oracle
+    validation_epochs: int | None = None  # None: the recipe in demo.build.VALIDATION_LORA
+    demo_seed: int = 0
+
+    def budgets(self) -> list[int]:
+        return [max(1, round(self.pool_size / d)) for d in self.denominators]
+
+    def main_budget(self) -> int:
+        return max(1, round(self.pool_size / self.main_denominator))
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    from harp_assets.settings import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+class Bench:
+    """The shared, seed-independent part: demo files, embeddings, models, base scores."""
+
+    def __init__(self, cfg: BenchConfig, demo_dir: Path, out: Path) -> None:
+        import polars as pl
+
+        from harp_assets import stages
+        from harp_assets.benchmark.metrics import load_ground_truth
+        from harp_assets.demo.build import DEMO_LORA, VALIDATION_LORA, build_demo
+        from harp_assets.embeddings import embed_text
+        from harp_assets.settings import HarpSettings
+        from harp_resources.data_contracts import load_eval_set, load_pool
+        from harp_resources.embedder import EmbedderResource
+        from harp_resources.evaluator import Evaluator
+        from harp_resources.finetuner import LoraFinetuner
+
+        self.cfg = cfg
+        self.out = out
+        t0 = time.perf_counter()
+        paths = build_demo(demo_dir, pool_size=cfg.pool_size, seed=cfg.demo_seed)
+        self.demo_seconds = time.perf_counter() - t0
+        self.paths = paths
+        pool = load_pool(paths.pool)
+        self.ids = pool["example_id"].to_list()
+        self.prompts = pool["prompt"].to_list()
+        self.responses = pool["response"].to_list()
+        self.eval_set = load_eval_set(paths.eval_set)
+        self.test_set = load_eval_set(paths.test_set)
+        self.truth = load_ground_truth(paths.ground_truth)
+        self.settings = HarpSettings()
+        val_recipe = dict(VALIDATION_LORA)
+        if cfg.validation_epochs is not None:
+            val_recipe["epochs"] = cfg.validation_epochs
+        self.recipe = {"leaf": dict(DEMO_LORA), "validation": val_recipe}
+        self.finetuner = LoraFinetuner(base_model=str(paths.base_model), **DEMO_LORA)
+        self.val_finetuner = LoraFinetuner(base_model=str(paths.base_model), **val_recipe)
+        self.evaluator = Evaluator()
+        embedder = EmbedderResource()
+        texts = [embed_text(p, r) for p, r in zip(self.prompts, self.responses, strict=True)]
+        key = _fingerprint([embedder.model_id, self.ids, texts])
+        cache = out / "cache" / f"embeddings-{key}.npz"
+        t0 = time.perf_counter()
+        if cache.is_file():
+            with np.load(cache) as z:
+                self.X, self.Q = z["X"], z["Q"]
+        else:
+            log.info("embedding %d pool examples and %d proxy prompts", len(texts), self.eval_set.height)
+            self.X = embedder.embed(texts)
+            self.Q = embedder.embed(self.eval_set["prompt"].to_list())
+            from harp_assets.settings import write_npz_atomic
+
+            write_npz_atomic(cache, X=self.X, Q=self.Q)
+        self.embed_seconds = time.perf_counter() - t0
+        self.base_proxy = stages.score_base(self.finetuner, self.evaluator, self.eval_set)
+        self.domains = stages.eval_domains(self.base_proxy)
+        self.b = stages.base_scores(self.base_proxy, self.domains)
+        base_test = stages.validate_examples(self.val_finetuner, self.evaluator, [], [], self.test_set, seed=0)
+        self.base_test = float(np.mean([base_test.per_domain[d] for d in self.domains]))
+        self.pl = pl
+
+    # -- one seed ------------------------------------------------------------------------------------------
+
+    def validate(self, rows: list[int], seed: int) -> tuple[dict[str, float], float, float]:
+        """(per-domain test accuracy, mean, seconds) of an adapter trained on `rows` with the fixed recipe."""
+        from harp_assets import stages
+
+        m = stages.validate_examples(self.val_finetuner, self.evaluator, [self.prompts[r] for r in rows],
+                                     [self.responses[r] for r in rows], self.test_set, seed=seed)
+        per = {d: float(m.per_domain[d]) for d in self.domains}
+        return per, float(np.mean(list(per.values()))), m.seconds
+
+    def shares(self, rows: list[int]) -> dict[str, float]:
+        from harp_assets.benchmark.metrics import kind_shares
+
+        return kind_shares([self.ids[r] for r in rows], self.truth, ("harmful", "redundant"))
+
+    def run_seed(self, seed: int) -> tuple[list[dict], dict]:
+        from harp_assets import stages
+        from harp_assets.benchmark.metrics import spearman
+        from harp_assets.method.active import choose_active_leaves
+        from harp_assets.method.envelopes import active_domains
+
+        cfg, s = self.cfg, self.settings
+        t_seed = time.perf_counter()
+        h = stages.build_hierarchy(self.X, seed=seed, config=s.hierarchy_config())
+        G = h.n_leaves
+        reps = np.asarray(h.representatives, dtype=np.int64)
+        log.info("seed %d: %d leaves, %d representatives; measuring every leaf (the exhaustive oracle)",
+                 seed, G, reps.size)
+        all_m = stages.measure_leaves(self.finetuner, self.evaluator, h, self.prompts, self.responses,
+                                      self.eval_set, leaf_ids=np.arange(G), seed=seed, log=log)
+        cycle = np.array([all_m[g].seconds for g in range(G)])
+
+        def fit(leaves: np.ndarray):
+            t = time.perf_counter()
+            leaves = np.unique(leaves)
+            eff = stages.main_effects({int(g): all_m[int(g)] for g in leaves}, self.base_proxy, self.domains,
+                                      n_boot=s.n_boot, seed=seed)
+            post = stages.infer_posteriors(h, eff, leaves)
+            return post, eff, float(cycle[leaves].sum()) + time.perf_counter() - t
+
+        post_rep, _, cost_rep = fit(reps)
+        post_all, eff_all, cost_all = fit(np.arange(G))
+        # Active rounds: each picks from the posteriors of the round before.
+        rounds = []
+        measured = reps.copy()
+        post = post_rep
+        for r in range(1, cfg.active_rounds + 1):
+            mask = np.zeros(G, dtype=bool)
+            mask[measured] = True
+            act = active_domains(post.mean, post.sd, z=s.z_active)
+            pick = choose_active_leaves(post.mean, post.sd, mask, cfg.active_runs, act, z=s.active_z)
+            measured = np.concatenate([measured, pick.leaves])
+            post, _, cost = fit(measured)
+            rounds.append({"round": r, "picked": pick.leaves.tolist(), "post": post, "runs": int(np.unique(measured).size),
+                           "cost": cost})
+        act_any = active_domains(post_rep.mean, post_rep.sd, z=s.z_active) | active_domains(
+            post_all.mean, post_all.sd, z=s.z_active)
+        inferred = ~post_rep.measured
+        phi_all = eff_all.phi_hat  # rows = leaves 0..G-1
+        rho = spearman(post_rep.mean[:, act_any], phi_all[:, act_any]) if act_any.any() else float("nan")
+        rho_inf = (spearman(post_rep.mean[inferred][:, act_any], phi_all[inferred][:, act_any])
+                   if act_any.any() and inferred.any() else float("nan"))
+        rho_active = float("nan")
+        if rounds:
+            inf2 = ~rounds[-1]["post"].measured
+            if act_any.any() and inf2.any():
+                rho_active = spearman(rounds[-1]["post"].mean[inf2][:, act_any], phi_all[inf2][:, act_any])
+
+        records: list[dict] = []
+
+        def add(method: str, budget: int, rows: list[int], runs: int, select_seconds: float, **extra: Any) -> None:
+            per, acc, secs = self.validate(rows, seed)
+            sh = self.shares(rows)
+            records.append({
+                "method": method, "budget": int(budget), "budget_fraction": budget / len(self.ids),
+                "seed": int(seed), "examples": len(rows), "test_accuracy": acc, "base_accuracy": self.base_test,
+                "per_domain": per, "harmful_share": sh["harmful"], "redundant_share": sh["redundant"],
+                "train_eval_runs": int(runs), "seconds": round(select_seconds + secs, 3), **extra,
+            })
+            log.info("seed %d %-12s budget %5d: %5d examples, test accuracy %.3f (base %.3f), harmful %.2f, "
+                     "redundant %.2f, %d runs", seed, method + (f"/r{extra['round']}" if "round" in extra else ""),
+                     budget, len(rows), acc, self.base_test, sh["harmful"], sh["redundant"], runs)
+
+        def harp_rows(p: Any, envelope: str, budget: int) -> tuple[list[int], float]:
+            t = time.perf_counter()
+            sel = stages.select_harp(p, self.b, h, envelope=envelope, top_k_points=budget, z_active=s.z_active)
+            return sel.example_rows.tolist(), time.perf_counter() - t
+
+        for budget in cfg.budgets():
+            main = budget == cfg.main_budget()
+            for method, envelope in (("harp_c", "conservative"), ("harp_e", "expansive")):
+                rows, t = harp_rows(post_rep, envelope, budget)
+                add(method, budget, rows, reps.size, cost_rep + t)
+            for rd in rounds:
+                if rd is rounds[-1] or main:
+                    rows, t = harp_rows(rd["post"], cfg.envelope, budget)
+                    add("harp_active", budget, rows, rd["runs"], rd["cost"] + t, round=rd["round"])
+            rows, t = harp_rows(post_all, cfg.envelope, budget)
+            add("exhaustive", budget, rows, G, cost_all + t)
+            t = time.perf_counter()
+            ts = stages.select_tsds(self.X, self.Q, budget, seed=seed, params=s.tsds_params())
+            counts = np.asarray(ts.counts)
+            picked = np.flatnonzero(counts > 0)
+            rows = picked[np.lexsort((picked, -counts[picked]))].tolist()
+            add("tsds", budget, rows, 0, time.perf_counter() - t)
+            t = time.perf_counter()
+            rows = stages.select_random(len(self.ids), budget, seed=seed).example_rows.tolist()
+            add("random", budget, rows, 0, time.perf_counter() - t)
+        add("full", len(self.ids), list(range(len(self.ids))), 0, 0.0)
+        diag = {
+            "seed": int(seed), "leaves_total": int(G), "representatives": int(reps.size),
+            "active_leaves": int(sum(len(rd["picked"]) for rd in rounds)),
+            "representative_share": reps.size / G,
+            "spearman_posterior_vs_exhaustive": rho, "spearman_inferred_leaves": rho_inf,
+            "spearman_inferred_after_active": rho_active,
+            "leaf_cycle_seconds_mean": float(cycle.mean()), "seed_seconds": time.perf_counter() - t_seed,
+        }
+        return records, diag
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harp_assets.benchmark.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--pool-size", type=int, default=DEFAULT_POOL, help="demo pool size (default %(default)s)")
+    ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated (default %(default)s)")
+    ap.add_argument("--budgets", default=",".join(map(str, DEFAULT_DENOMINATORS)),
+                    help="budget denominators: 14 means 1/14 of the pool (default %(default)s)")
+    ap.add_argument("--main", type=int, default=MAIN_DENOMINATOR, help="main budget denominator (default %(default)s)")
+    ap.add_argument("--active-runs", type=int, default=4, help="leaf runs per active round (default %(default)s)")
+    ap.add_argument("--active-rounds", type=int, default=2, help="active rounds (default %(default)s)")
+    ap.add_argument("--envelope", default="expansive", choices=("conservative", "expansive"),
+                    help="envelope of harp_active and the exhaustive oracle (default %(default)s)")
+    ap.add_argument("--validation-epochs", type=int, default=None, help="override the validation recipe's epochs")
+    ap.add_argument("--demo-dir", default=None, help="demo folder (default demo_data/bench; the base model is reused across pool sizes)")
+    ap.add_argument("--out", default="reports/benchmark", help="report folder (default %(default)s)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = BenchConfig(
+            pool_size=args.pool_size, seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
+            denominators=tuple(int(x) for x in args.budgets.split(",") if x.strip()), main_denominator=args.main,
+            active_runs=args.active_runs, active_rounds=args.active_rounds, envelope=args.envelope,
+            validation_epochs=args.validation_epochs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.seeds or not cfg.denominators or min(cfg.denominators) < 1 or cfg.main_denominator not in cfg.denominators:
+        print("error: give at least one seed and budget denominator (each >= 1), and --main among --budgets",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    demo_dir = Path(args.demo_dir or "demo_data/bench")
+    t_all = time.perf_counter()
+    bench = Bench(cfg, demo_dir, out)
+    key = _fingerprint([dataclasses.asdict(cfg), bench.recipe, bench.paths.read_manifest()["fingerprint"],
+                        bench.settings.model_dump()])
+    records: list[dict] = []
+    diagnostics: list[dict] = []
+    for seed in cfg.seeds:
+        cache = out / "cache" / f"seed-{seed}-{key}.json"
+        if cache.is_file():
+            got = json.loads(cache.read_text())
+            log.info("seed %d: reusing %s", seed, cache)
+        else:
+            recs, diag = bench.run_seed(seed)
+            got = {"records": recs, "diagnostics": diag}
+            _write_json_atomic(cache, got)
+        records.extend(got["records"])
+        diagnostics.append(got["diagnostics"])
+    from harp_assets.benchmark.report import write_report
+
+    config = {
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "budgets": cfg.budgets(), "main_budget_fraction": cfg.main_budget() / cfg.pool_size,
+        "recipes": bench.recipe, "harp_settings": bench.settings.model_dump(),
+        "base_test_accuracy": bench.base_test, "domains": bench.domains,
+        "demo_build_seconds": round(bench.demo_seconds, 1), "embed_seconds": round(bench.embed_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t_all, 1), "cache_key": key,
+    }
+    paths = write_report(out, records, config=config, diagnostics=diagnostics)
+    print(f"benchmark report: {paths['README.md']} ({len(records)} records, {config['total_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
