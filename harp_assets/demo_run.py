@@ -76,14 +76,16 @@ def summarise(results: dict[str, Any], lineage: Any, instance: Any) -> dict[str,
     """The demo's figures from `run_harp`'s results, the runs' step stats and the newest run manifest."""
     leaf_md = [_metadata(r, "leaf_utilities") for r in results.get("leaf_runs", [])]
     select = results["select"]
-    sizes = lineage.query("SELECT method, count(*) AS n FROM latest_selections GROUP BY method ORDER BY method")
+    from harp_assets.selections import METHODS, newest_selection
+
+    sizes = {m: len(got[1]) for m in METHODS if (got := newest_selection(instance, lineage, m)) is not None}
     manifest = lineage.query("SELECT * FROM run_manifests ORDER BY created_at DESC LIMIT 1")
     if manifest.height == 0:
         raise RuntimeError(f"no run manifest in {lineage.catalog_path}: the lineage_catalog asset did not run")
     row = manifest.row(0, named=True)
     hier = _metadata(results["prepare"], "leaf_hierarchy")
     return {
-        "selection_sizes": dict(sizes.iter_rows()),
+        "selection_sizes": sizes,
         "predicted_per_domain": {
             method: _metadata(select, f"{method}_selection").get("predicted_per_domain", {})
             for method in ("harp_c", "harp_e")

@@ -29,6 +29,21 @@ from harp_resources.lineage_store import LineageStore, selection_id_for
 METHODS = ("harp_c", "harp_e", "tsds", "random")
 
 
+def newest_selection(instance: dg.DagsterInstance, lineage: LineageStore, method: str) -> tuple[str, list[str]] | None:
+    """(selection id, example ids in rank order) of the newest materialisation of `<method>_selection`.
+
+    Read through the asset's own metadata rather than the `latest_selections` view: an empty selection (HARP
+    may rightly pick nothing) writes no rows, so the view would still show the one before it.
+    """
+    event = instance.get_latest_materialization_event(dg.AssetKey(f"{method}_selection"))
+    mat = event.asset_materialization if event is not None else None
+    if mat is None or "selection_id" not in mat.metadata:
+        return None
+    sid = str(mat.metadata["selection_id"].value)
+    rows = lineage.query("SELECT example_id FROM selections WHERE selection_id = $sid ORDER BY rank", {"sid": sid})
+    return sid, rows["example_id"].to_list()
+
+
 def _record(
     context: dg.AssetExecutionContext,
     lineage: LineageStore,
@@ -218,13 +233,15 @@ def lineage_catalog(
                          "active_leaves": pl.Int32})
     lineage.append_run("run_manifests", context.run.run_id, manifest, exist_ok=True)
     files = lineage.refresh_catalog()
-    sizes = lineage.query(
-        "SELECT method, count(*) AS n FROM latest_selections GROUP BY method ORDER BY method"
-    )
+    sizes = {}
+    for method in METHODS:
+        got = newest_selection(context.instance, lineage, method)
+        if got is not None:
+            sizes[method] = len(got[1])
     return dg.MaterializeResult(metadata={
         "duckdb": str(lineage.catalog_path),
         "files_per_table": dg.MetadataValue.json(files),
-        "latest_selection_sizes": dg.MetadataValue.json(dict(sizes.iter_rows())),
+        "latest_selection_sizes": dg.MetadataValue.json(sizes),
         "leaves_measured": len(fresh),
         "leaves_total": table.n_leaves,
         "seconds": round(time.perf_counter() - t0, 3),

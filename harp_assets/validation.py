@@ -28,7 +28,7 @@ from harp_assets.leaf_utilities import leaf_versions, read_measurements
 from harp_assets.leaves import load_leaf_table
 from harp_assets.method.envelopes import active_domains
 from harp_assets.posteriors import load_posteriors
-from harp_assets.selections import _record
+from harp_assets.selections import _record, newest_selection
 from harp_assets.settings import HarpSettings, ValidationSettings, sha16
 from harp_assets.sources import load_pool_artifact
 from harp_resources.data_contracts import load_eval_set
@@ -147,17 +147,15 @@ def selection_validation(
     pool, version = load_pool_artifact(lineage)
     test = load_eval_set(validation.test_path)
     truth = load_ground_truth(validation.ground_truth_path) if validation.ground_truth_path else None
-    latest = lineage.query(
-        "SELECT method, selection_id, example_id FROM latest_selections ORDER BY method, rank")
     by_id = {e: k for k, e in enumerate(pool["example_id"].to_list())}
     prompts, responses = pool["prompt"].to_list(), pool["response"].to_list()
     sets: list[tuple[str, str | None, list[str]]] = []
     for method in VALIDATED_METHODS:
-        rows = latest.filter(pl.col("method") == method)
-        if rows.height == 0 and method != "exhaustive":
-            raise ValueError(f"no {method} selection in {lineage.catalog_path}: materialise the selections first")
-        if rows.height:
-            sets.append((method, rows["selection_id"][0], rows["example_id"].to_list()))
+        got = newest_selection(context.instance, lineage, method)
+        if got is None:
+            raise ValueError(f"{method}_selection has never been materialised on this instance: "
+                             "materialise the selections (and exhaustive_selection) first")
+        sets.append((method, *got))
     if validation.include_full_pool:
         sets.append(("full", None, pool["example_id"].to_list()))
     base_eval = stages.validate_examples(validation_finetuner, evaluator, [], [], test, seed=validation.seed)

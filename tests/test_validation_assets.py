@@ -24,14 +24,16 @@ from harp_assets.definitions import (
 from harp_assets.demo.build import BaseModelConfig
 from harp_assets.leaf_utilities import leaf_versions, stored_version
 from harp_assets.leaves import load_leaf_table
-from harp_assets.settings import ValidationSettings
+from harp_assets.settings import HarpSettings, ValidationSettings
 from harp_resources.device import DeviceResource
 from harp_resources.finetuner import LoraFinetuner
 from harp_resources.lineage_store import LineageStore
 
 pytestmark = pytest.mark.slow
 
-TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=150, batch_size=16)
+# Pretrained long enough (unlike the pipeline tests' 150 steps) for LoRA on a leaf to move proxy accuracy, so
+# HARP's selections are not empty and every validated method has examples.
+TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=800, batch_size=16)
 BUDGET = 100
 POOL = 300
 METHODS = {"harp_c", "harp_e", "tsds", "random", "exhaustive", "full"}
@@ -39,6 +41,12 @@ METHODS = {"harp_c", "harp_e", "tsds", "random", "exhaustive", "full"}
 
 def _md(result, asset: str) -> dict:
     return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+
+
+def _newest_selection(instance: dg.DagsterInstance, method: str) -> tuple[str, int]:
+    """(selection id, size) of a method's newest selection, from its asset's latest materialisation."""
+    md = instance.get_latest_materialization_event(dg.AssetKey(f"{method}_selection")).asset_materialization.metadata
+    return md["selection_id"].value, md["selected"].value
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def validated(tmp_path_factory: pytest.TempPathFactory):
             root, pool=POOL, growth=0, base=TINY_BASE,
             settings=dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1,
                           top_k_points=BUDGET, n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80),
-            lora=dict(r=8, epochs=4, batch_size=16, max_length=96, learning_rate=1e-2),
+            lora=dict(r=8, epochs=6, batch_size=16, max_length=96, learning_rate=1e-2),
         )
         demo = root / "demo"
         resources = {
@@ -147,6 +155,8 @@ def test_validation_results_cover_every_method_and_domain(validated):
         else:
             mine = latest.filter(pl.col("method") == method)
             ids, sid = mine["example_id"].to_list(), mine["selection_id"][0]
+            # the newest selection in the catalog is the one the selection asset last recorded
+            assert _newest_selection(validated["instance"], method) == (sid, len(ids)) and ids, method
         assert got["examples"].unique().to_list() == [len(ids)], method
         assert got["selection_id"].unique().to_list() == [sid], method
         shares = kind_shares(ids, truth, ("harmful", "redundant"))
@@ -169,3 +179,26 @@ def test_posteriors_after_the_exhaustive_mode_use_only_harp_leaves(validated):
     assert md["measured"] == reps
     assert md["measured_outside_harp"] == table.n_leaves - reps > 0
     assert lineage.query("SELECT count(DISTINCT leaf_id) AS n FROM phi_posteriors WHERE measured")["n"][0] == reps
+
+
+def test_an_empty_newest_harp_selection_is_validated_as_empty(validated):
+    lineage: LineageStore = validated["lineage"]
+    instance = validated["instance"]
+    base = validated["resources"]
+    # no domain can be active at this z, so both HARP envelopes (and the oracle) select nothing
+    resources = {**base, "settings": HarpSettings(**{**base["settings"].model_dump(), "z_active": 1e6}),
+                 "validation": ValidationSettings(**{**base["validation"].model_dump(), "include_full_pool": False})}
+    defs = dg.Definitions(assets=[*ALL_ASSETS, *VALIDATION_ASSETS], resources=resources,
+                          jobs=[harp_select_job, harp_validation_job])
+    select = defs.resolve_job_def("harp_select_job").execute_in_process(instance=instance)
+    assert select.success
+    newest = {m: _md(select, f"{m}_selection") for m in ("harp_c", "harp_e")}
+    assert [md["selected"] for md in newest.values()] == [0, 0]
+    run = defs.resolve_job_def("harp_validation_job").execute_in_process(instance=instance, raise_on_error=False)
+    assert run.success, "an empty HARP selection is a valid result: its adapter is the base model"
+    vid = _md(run, "selection_validation")["validation_id"]
+    rows = lineage.query(f"SELECT method, selection_id, examples FROM validation_results WHERE validation_id = '{vid}'")
+    for method, md in newest.items():
+        got = rows.filter(pl.col("method") == method)
+        assert got["selection_id"].unique().to_list() == [md["selection_id"]], method
+        assert got["examples"].unique().to_list() == [0], method

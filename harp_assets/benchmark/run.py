@@ -70,7 +70,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 class Bench:
     """The shared, seed-independent part: demo files, embeddings, models, base scores."""
 
-    def __init__(self, cfg: BenchConfig, demo_dir: Path, out: Path) -> None:
+    def __init__(self, cfg: BenchConfig, demo_dir: Path, out: Path, *, base_model: Any = None,
+                 embedder: Any = None, threads: int = 0, settings: Any = None) -> None:
         import polars as pl
 
         from harp_assets import stages
@@ -79,6 +80,7 @@ class Bench:
         from harp_assets.embeddings import embed_text
         from harp_assets.settings import HarpSettings
         from harp_resources.data_contracts import load_eval_set, load_pool
+        from harp_resources.device import DeviceResource
         from harp_resources.embedder import EmbedderResource
         from harp_resources.evaluator import Evaluator
         from harp_resources.finetuner import LoraFinetuner
@@ -86,7 +88,7 @@ class Bench:
         self.cfg = cfg
         self.out = out
         t0 = time.perf_counter()
-        paths = build_demo(demo_dir, pool_size=cfg.pool_size, seed=cfg.demo_seed)
+        paths = build_demo(demo_dir, pool_size=cfg.pool_size, seed=cfg.demo_seed, model=base_model)
         self.demo_seconds = time.perf_counter() - t0
         self.paths = paths
         pool = load_pool(paths.pool)
@@ -96,15 +98,16 @@ class Bench:
         self.eval_set = load_eval_set(paths.eval_set)
         self.test_set = load_eval_set(paths.test_set)
         self.truth = load_ground_truth(paths.ground_truth)
-        self.settings = HarpSettings()
+        self.settings = settings or HarpSettings()
         val_recipe = dict(VALIDATION_LORA)
         if cfg.validation_epochs is not None:
             val_recipe["epochs"] = cfg.validation_epochs
         self.recipe = {"leaf": dict(DEMO_LORA), "validation": val_recipe}
-        self.finetuner = LoraFinetuner(base_model=str(paths.base_model), **DEMO_LORA)
-        self.val_finetuner = LoraFinetuner(base_model=str(paths.base_model), **val_recipe)
+        device = DeviceResource(cpu_threads=threads)
+        self.finetuner = LoraFinetuner(base_model=str(paths.base_model), device=device, **DEMO_LORA)
+        self.val_finetuner = LoraFinetuner(base_model=str(paths.base_model), device=device, **val_recipe)
         self.evaluator = Evaluator()
-        embedder = EmbedderResource()
+        embedder = embedder or EmbedderResource(device=device)
         texts = [embed_text(p, r) for p, r in zip(self.prompts, self.responses, strict=True)]
         key = _fingerprint([embedder.model_id, self.ids, texts])
         cache = out / "cache" / f"embeddings-{key}.npz"
@@ -278,10 +281,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give at least one seed and budget denominator (each >= 1), and --main among --budgets",
               file=sys.stderr)
         return 2
-    out = Path(args.out)
-    demo_dir = Path(args.demo_dir or "demo_data/bench")
+    paths = run_benchmark(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out))
+    print(f"benchmark report: {paths['README.md']}")
+    return 0
+
+
+def run_benchmark(cfg: BenchConfig, demo_dir: Path, out: Path, **bench_kw: Any) -> dict[str, Path]:
+    """Every seed (cached ones reused), then the report; returns the report's files by name."""
     t_all = time.perf_counter()
-    bench = Bench(cfg, demo_dir, out)
+    bench = Bench(cfg, demo_dir, out, **bench_kw)
     key = _fingerprint([dataclasses.asdict(cfg), bench.recipe, bench.paths.read_manifest()["fingerprint"],
                         bench.settings.model_dump()])
     records: list[dict] = []
@@ -302,14 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "budgets": cfg.budgets(), "main_budget_fraction": cfg.main_budget() / cfg.pool_size,
-        "recipes": bench.recipe, "harp_settings": bench.settings.model_dump(),
+        "recipe": {f"validation.{k}": v for k, v in bench.recipe["validation"].items()}
+        | {f"leaf.{k}": v for k, v in bench.recipe["leaf"].items()},
+        "harp_settings": bench.settings.model_dump(),
         "base_test_accuracy": bench.base_test, "domains": bench.domains,
         "demo_build_seconds": round(bench.demo_seconds, 1), "embed_seconds": round(bench.embed_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_all, 1), "cache_key": key,
     }
-    paths = write_report(out, records, config=config, diagnostics=diagnostics)
-    print(f"benchmark report: {paths['README.md']} ({len(records)} records, {config['total_seconds']:.0f} s)")
-    return 0
+    log.info("benchmark: %d records, %.0f s", len(records), config["total_seconds"])
+    return write_report(out, records, config=config, diagnostics=diagnostics)
 
 
 if __name__ == "__main__":
