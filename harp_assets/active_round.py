@@ -2,7 +2,8 @@
 
 `active_round_plan` reads the current posteriors and, while fewer than `settings.active_rounds` rounds are
 planned and the previous round is folded into the posteriors, picks the next `settings.active_runs`
-unmeasured leaves by posterior sd times possible gain (`method.active`). Their ids go to
+unmeasured leaves (`method.active`): first the leaves the current `primary_envelope` selection relies on
+without a measurement, then those with the largest posterior sd times possible gain. Their ids go to
 `artifacts/active_rounds.json` and the `active_rounds` lineage table; the leaves are then measured as
 ordinary `leaf_utilities` partitions (by `run_harp`, or by the chain sensors), and the next `phi_posteriors`
 fit uses the representatives plus every planned leaf. Leaves measured for other reasons (the exhaustive
@@ -69,9 +70,17 @@ def active_round_plan(
         return dg.MaterializeResult(metadata={
             **md, "new_round": False, "pending_leaves": len(pending),
             "reason": f"round {len(rounds)} still has {len(pending)} leaf(s) to measure, e.g. {pending[:3]}"})
+    from harp_assets import stages
+    from harp_assets.base_scores import load_base
+
     active = active_domains(post.mean, post.sd, z=settings.z_active)
+    base, bmeta = load_base(lineage)
+    current = stages.select_harp(post, stages.base_scores(base, list(bmeta["domains"])), table,
+                                 envelope=settings.primary_envelope, top_k_points=settings.top_k_points,
+                                 z_active=settings.z_active)
+    selected = np.unique(np.asarray(current.leaf_of_row, dtype=np.int64))
     pick = choose_active_leaves(post.mean, post.sd, post.measured, settings.active_runs, active,
-                                z=settings.active_z)
+                                z=settings.active_z, selected=selected)
     leaves = table.leaf_ids[pick.leaves].tolist()
     scores = [float(pick.scores[g]) for g in pick.leaves]
     number = len(rounds) + 1

@@ -43,7 +43,8 @@ class HarpSettings(dg.ConfigurableResource):
     active_rounds: int = Field(default=1, ge=0, description="active measuring rounds after the representatives")
     active_z: float = Field(default=1.0, ge=0, description="optimism of an unmeasured leaf's possible gain")
     primary_envelope: str = Field(
-        default="conservative", description="envelope of the exhaustive oracle selection (validation group)")
+        default="expansive",
+        description="envelope the active round verifies and the exhaustive oracle selects with")
     tsds_alpha: float = 0.5
     tsds_C: float = 5.0
     tsds_sigma: float = 0.75

@@ -55,6 +55,19 @@ def test_highest_sd_leaf_is_not_first_when_it_has_no_upside():
     np.testing.assert_allclose(pick.scores, [0.0, 0.3, 0.24, 0.01], atol=1e-12)
 
 
+def test_selected_unmeasured_leaves_are_verified_first():
+    # The selection relies on leaves 0 and 3 (0 without any upside): both come before any upside pick,
+    # the more uncertain first on the counted domain (sd 2.0 > 0.1); then the upside order 1, 2.
+    pick = choose_active_leaves(MEAN, SD, NONE_MEASURED, 4, ONLY_D0, z=1.0, selected=[3, 0])
+    assert pick.leaves.tolist() == [0, 3, 1, 2]
+    # A measured selected leaf is not verified again, and n_runs caps the verification step too.
+    measured = np.array([True, False, False, False])
+    assert choose_active_leaves(MEAN, SD, measured, 1, ONLY_D0, selected=[0, 3]).leaves.tolist() == [3]
+    assert choose_active_leaves(MEAN, SD, NONE_MEASURED, 1, ONLY_D0, selected=[3, 0]).leaves.tolist() == [0]
+    with pytest.raises(ValueError, match="outside"):
+        choose_active_leaves(MEAN, SD, NONE_MEASURED, 1, ONLY_D0, selected=[7])
+
+
 def test_z_sets_the_optimism_and_can_reorder():
     # z = 0: the upside is the mean itself; 0.3 * 0.5 = 0.15 beats 0.5 * 0.1 = 0.05, and leaf 3 (mean 0) scores 0
     pick = choose_active_leaves(MEAN, SD, NONE_MEASURED, 4, ONLY_D0, z=0.0)

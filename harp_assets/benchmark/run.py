@@ -132,14 +132,49 @@ class Bench:
 
     # -- one seed ------------------------------------------------------------------------------------------
 
+    def _cache_file(self, kind: str, seed: int, *parts: Any) -> Path:
+        key = _fingerprint([self.paths.read_manifest()["fingerprint"], self.recipe, seed, *parts])
+        return self.out / "cache" / f"{kind}-seed{seed}-{key}"
+
     def validate(self, rows: list[int], seed: int) -> tuple[dict[str, float], float, float]:
-        """(per-domain test accuracy, mean, seconds) of an adapter trained on `rows` with the fixed recipe."""
+        """(per-domain test accuracy, mean, seconds) of an adapter trained on `rows` with the fixed recipe.
+
+        Cached by the exact rows: a method whose selection did not change is not trained again when only
+        another method's settings changed (the cached seconds are those of the run that trained it)."""
         from harp_assets import stages
 
+        path = self._cache_file("validation", seed, [self.ids[r] for r in rows]).with_suffix(".json")
+        if path.is_file():
+            got = json.loads(path.read_text())
+            return got["per_domain"], got["accuracy"], got["seconds"]
         m = stages.validate_examples(self.val_finetuner, self.evaluator, [self.prompts[r] for r in rows],
                                      [self.responses[r] for r in rows], self.test_set, seed=seed)
         per = {d: float(m.per_domain[d]) for d in self.domains}
-        return per, float(np.mean(list(per.values()))), m.seconds
+        acc = float(np.mean(list(per.values())))
+        _write_json_atomic(path, {"per_domain": per, "accuracy": acc, "seconds": m.seconds})
+        return per, acc, m.seconds
+
+    def measure_all(self, h: Any, seed: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Every leaf's proxy correctness (aligned with the base evaluation) and cycle seconds; cached by the
+        leaves' members, the recipe and the seed, so changing selection settings never retrains a leaf."""
+        from harp_assets import stages
+        from harp_assets.settings import write_npz_atomic
+
+        members = [[self.ids[r] for r in h.members(g).tolist()] for g in range(h.n_leaves)]
+        path = self._cache_file("leaves", seed, members).with_suffix(".npz")
+        if path.is_file():
+            with np.load(path) as z:
+                return {g: z["correct"][g] for g in range(h.n_leaves)}, z["seconds"]
+        got = stages.measure_leaves(self.finetuner, self.evaluator, h, self.prompts, self.responses,
+                                    self.eval_set, leaf_ids=np.arange(h.n_leaves), seed=seed, log=log)
+        base_ids = list(self.base_proxy.example_ids)
+        for g, m in got.items():
+            if list(m.example_ids) != base_ids:
+                raise ValueError(f"leaf {g} was scored on eval rows in another order than the base model")
+        correct = np.stack([np.asarray(got[g].correct, dtype=np.float64) for g in range(h.n_leaves)])
+        seconds = np.array([got[g].seconds for g in range(h.n_leaves)])
+        write_npz_atomic(path, correct=correct, seconds=seconds)
+        return {g: correct[g] for g in range(h.n_leaves)}, seconds
 
     def shares(self, rows: list[int]) -> dict[str, float]:
         from harp_assets.benchmark.metrics import kind_shares
@@ -159,9 +194,7 @@ class Bench:
         reps = np.asarray(h.representatives, dtype=np.int64)
         log.info("seed %d: %d leaves, %d representatives; measuring every leaf (the exhaustive oracle)",
                  seed, G, reps.size)
-        all_m = stages.measure_leaves(self.finetuner, self.evaluator, h, self.prompts, self.responses,
-                                      self.eval_set, leaf_ids=np.arange(G), seed=seed, log=log)
-        cycle = np.array([all_m[g].seconds for g in range(G)])
+        all_m, cycle = self.measure_all(h, seed)
 
         def fit(leaves: np.ndarray):
             t = time.perf_counter()
@@ -181,7 +214,10 @@ class Bench:
             mask = np.zeros(G, dtype=bool)
             mask[measured] = True
             act = active_domains(post.mean, post.sd, z=s.z_active)
-            pick = choose_active_leaves(post.mean, post.sd, mask, cfg.active_runs, act, z=s.active_z)
+            current = stages.select_harp(post, self.b, h, envelope=cfg.envelope, top_k_points=cfg.main_budget(),
+                                         z_active=s.z_active)
+            pick = choose_active_leaves(post.mean, post.sd, mask, cfg.active_runs, act, z=s.active_z,
+                                        selected=np.unique(current.leaf_of_row))
             measured = np.concatenate([measured, pick.leaves])
             post, _, cost = fit(measured)
             rounds.append({"round": r, "picked": pick.leaves.tolist(), "post": post, "runs": int(np.unique(measured).size),

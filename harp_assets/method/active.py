@@ -1,15 +1,23 @@
 """The active measuring round: which unmeasured leaves to train next, given the current posteriors.
 
-After the representative round every other leaf's effect is inferred. A measurement can only change the
-selection where the posterior is both uncertain and could be worth selecting, so each unmeasured leaf is
-scored by its posterior sd times its possible gain, summed over the active domains:
+After the representative round every other leaf's effect is inferred. A measurement changes the selection in
+one of two ways: a selected leaf turns out not to help and leaves it, or an unselected leaf turns out to help
+and enters it. So a round first verifies the current selection, then looks for upside:
 
-    score[g] = sum over active d of sd[g, d] * max(mean[g, d] + z * sd[g, d], 0)
+1. unmeasured leaves of the current selection (``selected``), most uncertain first: ``sum over active d of
+   sd[g, d]``. These are the leaves the selection is betting on without evidence; a harmful leaf that
+   inherited a positive parent mean is caught here before it is trained on.
+2. the other unmeasured leaves, by posterior sd times possible gain:
 
-``mean + z * sd`` is the optimistic (upper-bound) effect: a leaf that is credibly harmful or flat everywhere
-scores 0 however uncertain it is, and among leaves that could help, the least certain ones come first.
-When no domain is active (nothing is credibly non-zero yet) every domain counts, so a first round still
-goes where the uncertainty is. Ties are broken by leaf index, so a round is deterministic.
+       score[g] = sum over active d of sd[g, d] * max(mean[g, d] + z * sd[g, d], 0)
+
+   ``mean + z * sd`` is the optimistic (upper-bound) effect: a leaf that is credibly harmful or flat
+   everywhere scores 0 however uncertain it is and is never picked.
+
+On the demo benchmark, verifying first kept the validated gain of later rounds and the share of harmful
+examples better than the upside rule alone (README, "The active measuring round"). When no domain is active
+(nothing is credibly non-zero yet) every domain counts. Ties are broken by leaf index, so a round is
+deterministic.
 """
 
 from __future__ import annotations
@@ -70,16 +78,35 @@ def active_round_scores(
 
 
 def choose_active_leaves(
-    post_mean: Any, post_sd: Any, measured: Any, n_runs: int, active: Any = None, *, z: float = 1.0
+    post_mean: Any,
+    post_sd: Any,
+    measured: Any,
+    n_runs: int,
+    active: Any = None,
+    *,
+    z: float = 1.0,
+    selected: Any = None,
 ) -> ActiveRound:
-    """The ``n_runs`` unmeasured leaves with the highest scores (fewer when fewer are unmeasured).
+    """Up to ``n_runs`` unmeasured leaves: the unmeasured ``selected`` leaves first (most uncertain first),
+    then the others by score (fewer when fewer qualify).
 
-    Leaves scoring 0 (no possible gain on any counted domain) are never picked: measuring them cannot add
-    a leaf to the selection.
+    ``selected``: leaf indices of the current selection (None: no verification step). Unselected leaves
+    scoring 0 (no possible gain on any counted domain) are never picked: measuring them cannot add a leaf
+    to the selection. ``scores`` in the result is the upside score of every leaf.
     """
     if isinstance(n_runs, bool) or not isinstance(n_runs, int | np.integer) or n_runs < 0:
         raise ValueError(f"n_runs must be a non-negative integer, got {n_runs!r}")
     scores, use = active_round_scores(post_mean, post_sd, measured, active, z=z)
-    order = np.lexsort((np.arange(scores.size), -scores))
-    order = order[scores[order] > 0.0][: int(n_runs)]
-    return ActiveRound(leaves=order.astype(np.int64), scores=scores, active=use)
+    G = scores.size
+    done = np.asarray(measured, dtype=bool)
+    first = np.zeros(0, dtype=np.int64)
+    if selected is not None:
+        sel = np.unique(np.asarray(selected, dtype=np.int64).ravel())
+        if sel.size and (sel[0] < 0 or sel[-1] >= G):
+            raise ValueError(f"selected holds leaf indices outside [0, {G}): {sel[(sel < 0) | (sel >= G)][:5]}")
+        sel = sel[~done[sel]]
+        spread = np.asarray(post_sd, dtype=np.float64)[:, use].sum(axis=1)
+        first = sel[np.lexsort((sel, -spread[sel]))][: int(n_runs)]
+    rest = np.lexsort((np.arange(G), -scores))
+    rest = rest[(scores[rest] > 0.0) & ~np.isin(rest, first)][: int(n_runs) - first.size]
+    return ActiveRound(leaves=np.concatenate([first, rest]).astype(np.int64), scores=scores, active=use)
