@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Iterator
@@ -52,6 +53,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return train_small_causal_lm(tiny_corpus(), out, seed=0, **TINY_CONFIG)
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def tiny_dagster_env(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, Any]]:
+    """(root folder, test instance) with `DAGSTER_HOME` set to `<root>/dagster_home` and torch on one thread,
+    all undone on exit: the frame of every tiny-demo Dagster fixture."""
+    import dagster as dg
+
+    root = tmp_path_factory.mktemp(name)
+    home = root / "dagster_home"
+    home.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DAGSTER_HOME", str(home))
+            with dg.instance_for_test() as instance:
+                yield root, instance
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_pipeline_setup(

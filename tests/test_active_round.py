@@ -7,8 +7,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from conftest import tiny_pipeline_setup
+from conftest import tiny_dagster_env, tiny_pipeline_setup
 
 from harp_assets import leaf_utilities as lu
 from harp_assets.active_round import harp_leaves, planned_leaves, read_plan
@@ -248,13 +247,7 @@ def _md(result, asset: str) -> dict:
 def active_env(tmp_path_factory: pytest.TempPathFactory):
     """A tiny demo in a temporary DAGSTER_HOME, with run_harp run once under one active round of 2 leaves."""
 
-    root = tmp_path_factory.mktemp("active")
-    home = root / "dagster_home"
-    home.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
+    with tiny_dagster_env(tmp_path_factory, "active") as (root, instance):
         _, _, resources = tiny_pipeline_setup(
             root, pool=POOL, growth=0, base=TINY_BASE,
             settings=dict(SETTINGS, active_runs=ACTIVE_RUNS, active_rounds=1),
@@ -262,15 +255,13 @@ def active_env(tmp_path_factory: pytest.TempPathFactory):
         )
         jobs = [harp_prepare_job, leaf_utilities_job, harp_select_job]
         test_defs = dg.Definitions(assets=ALL_ASSETS, resources=resources, jobs=jobs)
-        with dg.instance_for_test() as instance:
-            before = lu.trained_count()
-            t0 = time.perf_counter()
-            results = run_harp(instance, test_defs)
-            wall = time.perf_counter() - t0
-            yield {"defs": test_defs, "instance": instance, "results": results, "resources": resources,
-                   "trained": lu.trained_count() - before, "lineage": resources["lineage"], "wall": wall,
-                   "jobs": jobs}
-    torch.set_num_threads(threads)
+        before = lu.trained_count()
+        t0 = time.perf_counter()
+        results = run_harp(instance, test_defs)
+        wall = time.perf_counter() - t0
+        yield {"defs": test_defs, "instance": instance, "results": results, "resources": resources,
+               "trained": lu.trained_count() - before, "lineage": resources["lineage"], "wall": wall,
+               "jobs": jobs}
 
 
 @pytest.mark.slow

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import torch
-from conftest import tiny_pipeline_setup
+from conftest import tiny_dagster_env, tiny_pipeline_setup
 
 from harp_assets import leaf_utilities as lu
 from harp_assets.definitions import (
@@ -33,13 +32,7 @@ GROWTH = 40
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory):
     """A tiny demo, a temporary DAGSTER_HOME and the whole graph materialised once."""
-    root = tmp_path_factory.mktemp("pipeline")
-    home = root / "dagster_home"
-    home.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
+    with tiny_dagster_env(tmp_path_factory, "pipeline") as (root, instance):
         pool_dir, full, resources = tiny_pipeline_setup(
             root, pool=POOL, growth=GROWTH, base=TINY_BASE,
             settings=dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1, top_k_points=BUDGET, n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80),
@@ -47,14 +40,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
         )
         test_defs = dg.Definitions(assets=ALL_ASSETS, resources=resources,
                                    jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job])
-        with dg.instance_for_test() as instance:
-            before = lu.trained_count()
-            t0 = time.perf_counter()
-            results = run_harp(instance, test_defs)
-            wall = time.perf_counter() - t0
-            yield {"defs": test_defs, "instance": instance, "results": results, "trained": lu.trained_count() - before,
-                   "lineage": resources["lineage"], "wall": wall, "pool_dir": pool_dir, "extra": full.slice(POOL)}
-    torch.set_num_threads(threads)
+        before = lu.trained_count()
+        t0 = time.perf_counter()
+        results = run_harp(instance, test_defs)
+        wall = time.perf_counter() - t0
+        yield {"defs": test_defs, "instance": instance, "results": results, "trained": lu.trained_count() - before,
+               "lineage": resources["lineage"], "wall": wall, "pool_dir": pool_dir, "extra": full.slice(POOL)}
 
 
 def _md(result, asset: str) -> dict:

@@ -10,8 +10,7 @@ import time
 import dagster as dg
 import polars as pl
 import pytest
-import torch
-from conftest import tiny_pipeline_setup
+from conftest import tiny_dagster_env, tiny_pipeline_setup
 
 from harp_assets import leaf_utilities as lu
 from harp_assets.checks import CHECKS
@@ -43,13 +42,7 @@ CHECKS_JOB = dg.define_asset_job("harp_checks_job", selection=dg.AssetSelection.
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory):
     """A tiny demo pool in a folder, its resources and definitions (with the checks), and a test instance."""
-    root = tmp_path_factory.mktemp("sensors")
-    home = root / "dagster_home"
-    home.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
+    with tiny_dagster_env(tmp_path_factory, "sensors") as (root, instance):
         pool_dir, full, resources = tiny_pipeline_setup(
             root, pool=POOL, growth=GROWTH, base=TINY_BASE,
             settings=dict(leaf_size=40, leaves_per_parent=3, parents_per_region=2, n_representatives=1, top_k_points=BUDGET, n_boot=30, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=60),
@@ -60,10 +53,8 @@ def env(tmp_path_factory: pytest.TempPathFactory):
             jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job, CHECKS_JOB],
             sensors=[pool_growth_sensor, LEAF_SENSOR, SELECT_SENSOR], schedules=[daily_reselection],
         )
-        with dg.instance_for_test() as instance:
-            yield {"defs": test_defs, "instance": instance, "resources": resources, "pool_dir": pool_dir,
-                   "extra": full.slice(POOL), "lineage": resources["lineage"], "state": {}}
-    torch.set_num_threads(threads)
+        yield {"defs": test_defs, "instance": instance, "resources": resources, "pool_dir": pool_dir,
+               "extra": full.slice(POOL), "lineage": resources["lineage"], "state": {}}
 
 
 def _pool_tick(env, cursor):

@@ -6,8 +6,7 @@ import time
 import dagster as dg
 import polars as pl
 import pytest
-import torch
-from conftest import tiny_pipeline_setup
+from conftest import tiny_dagster_env, tiny_pipeline_setup
 
 from harp_assets import leaf_utilities as lu
 from harp_assets.benchmark.metrics import kind_shares, load_ground_truth
@@ -53,13 +52,7 @@ def _newest_selection(instance: dg.DagsterInstance, method: str) -> tuple[str, i
 def validated(tmp_path_factory: pytest.TempPathFactory):
     """run_harp, the validation job once before the exhaustive leaves are measured (it must fail), then
     run_validation; all on one tiny demo in a temporary DAGSTER_HOME."""
-    root = tmp_path_factory.mktemp("validation")
-    home = root / "dagster_home"
-    home.mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
+    with tiny_dagster_env(tmp_path_factory, "validation") as (root, instance):
         _, full, resources = tiny_pipeline_setup(
             root, pool=POOL, growth=0, base=TINY_BASE,
             settings=dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1,
@@ -79,20 +72,18 @@ def validated(tmp_path_factory: pytest.TempPathFactory):
             assets=[*ALL_ASSETS, *VALIDATION_ASSETS], resources=resources,
             jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job, harp_validation_job],
         )
-        with dg.instance_for_test() as instance:
-            harp = run_harp(instance, test_defs)
-            lineage: LineageStore = resources["lineage"]
-            measured_by_harp = set(lineage.partition_keys("leaf_utilities"))
-            early = test_defs.resolve_job_def("harp_validation_job").execute_in_process(
-                instance=instance, raise_on_error=False)
-            n0 = lu.trained_count()
-            t0 = time.perf_counter()
-            validation = run_validation(instance, test_defs)
-            wall = time.perf_counter() - t0
-            yield {"defs": test_defs, "instance": instance, "harp": harp, "early": early, "validation": validation,
-                   "trained": lu.trained_count() - n0, "measured_by_harp": measured_by_harp, "lineage": lineage,
-                   "resources": resources, "pool": full.head(POOL), "demo": demo, "wall": wall}
-    torch.set_num_threads(threads)
+        harp = run_harp(instance, test_defs)
+        lineage: LineageStore = resources["lineage"]
+        measured_by_harp = set(lineage.partition_keys("leaf_utilities"))
+        early = test_defs.resolve_job_def("harp_validation_job").execute_in_process(
+            instance=instance, raise_on_error=False)
+        n0 = lu.trained_count()
+        t0 = time.perf_counter()
+        validation = run_validation(instance, test_defs)
+        wall = time.perf_counter() - t0
+        yield {"defs": test_defs, "instance": instance, "harp": harp, "early": early, "validation": validation,
+               "trained": lu.trained_count() - n0, "measured_by_harp": measured_by_harp, "lineage": lineage,
+               "resources": resources, "pool": full.head(POOL), "demo": demo, "wall": wall}
 
 
 def test_exhaustive_selection_before_the_leaves_are_measured_names_them(validated):
