@@ -115,6 +115,24 @@ def partition_ranges(registered: list[str], wanted: set[str]) -> list[tuple[str,
     return ranges
 
 
+def run_leaf_ranges(
+    instance: dg.DagsterInstance,
+    definitions: dg.Definitions,
+    wanted: set[str],
+    tags: Mapping[str, str] | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """One `leaf_utilities_job` run per contiguous range of `wanted` keys in the registered partition order
+    (each range is one step, so the base model loads once per range)."""
+    registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
+    return [
+        definitions.resolve_job_def("leaf_utilities_job").execute_in_process(
+            instance=instance,
+            tags={**dict(tags or {}), "dagster/asset_partition_range_start": a, "dagster/asset_partition_range_end": b},
+        )
+        for a, b in partition_ranges(registered, wanted)
+    ]
+
+
 def run_harp(
     instance: dg.DagsterInstance,
     definitions: dg.Definitions = defs,
@@ -140,15 +158,8 @@ def run_harp(
     lineage = (definitions.resources or {}).get("lineage") or LineageStore()
     table = load_leaf_table(lineage)
     wanted = set(leaf_ids) if leaf_ids is not None else set(table.leaf_ids[table.representative].tolist())
-    registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
     t0 = time.perf_counter()
-    results["leaf_runs"] = [
-        definitions.resolve_job_def("leaf_utilities_job").execute_in_process(
-            instance=instance,
-            tags={**dict(tags or {}), "dagster/asset_partition_range_start": a, "dagster/asset_partition_range_end": b},
-        )
-        for a, b in partition_ranges(registered, wanted)
-    ]
+    results["leaf_runs"] = run_leaf_ranges(instance, definitions, wanted, tags)
     results["seconds"]["leaf_runs"] = time.perf_counter() - t0
     if not all(r.success for r in results["leaf_runs"]):
         return results
@@ -168,15 +179,8 @@ def run_harp(
         if not pending:
             return results
         t0 = time.perf_counter()
-        registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
-        runs = [
-            definitions.resolve_job_def("leaf_utilities_job").execute_in_process(
-                instance=instance,
-                tags={**dict(tags or {}), "dagster/asset_partition_range_start": a,
-                      "dagster/asset_partition_range_end": b, "harp/active_round": str(len(read_plan(lineage)))},
-            )
-            for a, b in partition_ranges(registered, pending)
-        ]
+        runs = run_leaf_ranges(instance, definitions, pending,
+                               {**dict(tags or {}), "harp/active_round": str(len(read_plan(lineage)))})
         results["leaf_runs"].extend(runs)
         results["seconds"]["active_leaf_runs"] = results["seconds"].get("active_leaf_runs", 0.0) + (
             time.perf_counter() - t0)
@@ -194,16 +198,9 @@ def run_validation(
     (HARP's own leaves are cached partitions), then run `harp_validation_job`."""
     lineage = (definitions.resources or {}).get("lineage") or LineageStore()
     results: dict[str, Any] = {"seconds": {}}
-    registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
     t0 = time.perf_counter()
-    results["leaf_runs"] = [
-        definitions.resolve_job_def("leaf_utilities_job").execute_in_process(
-            instance=instance,
-            tags={**dict(tags or {}), "dagster/asset_partition_range_start": a,
-                  "dagster/asset_partition_range_end": b, "harp/exhaustive": "true"},
-        )
-        for a, b in partition_ranges(registered, set(exhaustive_leaf_ids(lineage)))
-    ]
+    results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(exhaustive_leaf_ids(lineage)),
+                                           {**dict(tags or {}), "harp/exhaustive": "true"})
     results["seconds"]["exhaustive_leaf_runs"] = time.perf_counter() - t0
     if not all(r.success for r in results["leaf_runs"]):
         return results

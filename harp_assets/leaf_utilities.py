@@ -17,6 +17,7 @@ import polars as pl
 from harp_assets import stages
 from harp_assets.base_scores import load_base
 from harp_assets.leaves import LEAVES_PARTITIONS, load_leaf_table
+from harp_assets.method import LeafTable
 from harp_assets.settings import (
     GROUP,
     HarpSettings,
@@ -28,7 +29,7 @@ from harp_assets.settings import (
     write_parquet_atomic,
 )
 from harp_assets.sources import load_eval_artifact, load_pool_artifact
-from harp_resources.evaluator import Evaluator
+from harp_resources.evaluator import EvalResult, Evaluator
 from harp_resources.finetuner import LoraFinetuner
 from harp_resources.lineage_store import LineageStore
 
@@ -174,3 +175,18 @@ def read_measurements(
             continue
         fresh[leaf] = read_parquet(correctness_path(lineage, leaf), "leaf_utilities")
     return fresh, stale
+
+
+def aligned_correctness(fresh: dict[str, pl.DataFrame], table: LeafTable, base: EvalResult) -> dict[int, np.ndarray]:
+    """Stored per-example correctness of each leaf, keyed by leaf index, in the base evaluation's row order
+    (what `stages.main_effects` pairs with the base scores)."""
+    pos = {eid: i for i, eid in enumerate(base.example_ids)}
+    out: dict[int, np.ndarray] = {}
+    for leaf, frame in fresh.items():
+        idx = [pos.get(e, -1) for e in frame["example_id"].to_list()]
+        if not idx or min(idx) < 0 or len(set(idx)) != len(pos):
+            raise ValueError(f"leaf {leaf}: its stored correctness does not cover the base evaluation's eval examples")
+        corr = np.full(len(pos), np.nan)
+        corr[idx] = frame["correct"].to_numpy()
+        out[table.index_of(leaf)] = corr
+    return out

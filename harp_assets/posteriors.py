@@ -13,7 +13,7 @@ import polars as pl
 from harp_assets import stages
 from harp_assets.active_round import harp_leaves
 from harp_assets.base_scores import load_base
-from harp_assets.leaf_utilities import leaf_versions, read_measurements
+from harp_assets.leaf_utilities import aligned_correctness, leaf_versions, read_measurements
 from harp_assets.leaves import load_leaf_table
 from harp_assets.method import Hyperparameters, Posteriors
 from harp_assets.method.envelopes import active_domains
@@ -101,15 +101,7 @@ def phi_posteriors(
     unmeasured_reps = sorted(reps - set(fresh))
     if unmeasured_reps:
         context.log.warning(f"{len(unmeasured_reps)} representative leaves are not measured or stale: {unmeasured_reps[:10]}")
-    pos = {eid: i for i, eid in enumerate(base.example_ids)}
-    measurements: dict[int, np.ndarray] = {}
-    for leaf, frame in fresh.items():
-        corr = np.full(len(pos), np.nan)
-        idx = [pos.get(e, -1) for e in frame["example_id"].to_list()]
-        if min(idx) < 0 or len(set(idx)) != len(pos):
-            raise ValueError(f"leaf {leaf}: its stored correctness does not cover the base evaluation's eval examples")
-        corr[idx] = frame["correct"].to_numpy()
-        measurements[table.index_of(leaf)] = corr
+    measurements = aligned_correctness(fresh, table, base)
     effects = stages.main_effects(measurements, base, domains, n_boot=settings.n_boot, seed=settings.seed)
     measured_idx = np.array(sorted(measurements), dtype=np.int64)
     post = stages.infer_posteriors(table, effects, measured_idx)

@@ -24,7 +24,7 @@ import polars as pl
 from harp_assets import stages
 from harp_assets.base_scores import load_base
 from harp_assets.benchmark.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
-from harp_assets.leaf_utilities import leaf_versions, read_measurements
+from harp_assets.leaf_utilities import aligned_correctness, leaf_versions, read_measurements
 from harp_assets.leaves import load_leaf_table
 from harp_assets.method.envelopes import active_domains
 from harp_assets.posteriors import load_posteriors
@@ -49,13 +49,7 @@ def all_leaf_measurements(
     base, _ = load_base(lineage)
     fresh, _ = read_measurements(lineage, leaf_versions(lineage, finetuner, settings))
     missing = sorted(set(table.leaf_ids.tolist()) - set(fresh))
-    pos = {eid: i for i, eid in enumerate(base.example_ids)}
-    out: dict[int, np.ndarray] = {}
-    for leaf, frame in fresh.items():
-        corr = np.full(len(pos), np.nan)
-        corr[[pos[e] for e in frame["example_id"].to_list()]] = frame["correct"].to_numpy()
-        out[table.index_of(leaf)] = corr
-    return out, missing
+    return aligned_correctness(fresh, table, base), missing
 
 
 @dg.asset(group_name=VALIDATION_GROUP, kinds={"numpy"},

@@ -27,7 +27,8 @@ BIN = Path(sys.executable).parent
 CHEAP = ["pool_examples", "proxy_eval_set"]
 GRAPH = {"pool_examples", "proxy_eval_set", "example_embeddings", "leaf_hierarchy", "base_model_scores",
          "leaf_utilities", "phi_posteriors", "harp_c_selection", "harp_e_selection", "tsds_selection",
-         "random_selection", "lineage_catalog"}
+         "random_selection", "active_round_plan", "lineage_catalog"}
+VALIDATION = {"exhaustive_selection", "selection_validation"}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,9 @@ def test_webserver_lists_assets_and_launches_a_materialisation(user_env, webserv
     client = DagsterGraphQLClient("127.0.0.1", port_number=webserver, timeout=60)
     nodes = client._execute(ASSETS_QUERY)["assetNodes"]
     keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
-    assert GRAPH <= keys, sorted(GRAPH - keys)
+    assert GRAPH | VALIDATION <= keys, sorted((GRAPH | VALIDATION) - keys)
     assert {n["groupName"] for n in nodes if "/".join(n["assetKey"]["path"]) in GRAPH} == {"harp"}
+    assert {n["groupName"] for n in nodes if "/".join(n["assetKey"]["path"]) in VALIDATION} == {"validation"}
 
     run_id = client.submit_job_execution("__ASSET_JOB", asset_selection=[[k] for k in CHEAP])
     deadline = time.monotonic() + 120
