@@ -18,6 +18,8 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from harp_assets import stages
+from harp_assets.base_scores import load_base
 from harp_assets.leaves import load_leaf_table
 from harp_assets.method.active import choose_active_leaves
 from harp_assets.method.envelopes import active_domains
@@ -70,9 +72,6 @@ def active_round_plan(
         return dg.MaterializeResult(metadata={
             **md, "new_round": False, "pending_leaves": len(pending),
             "reason": f"round {len(rounds)} still has {len(pending)} leaf(s) to measure, e.g. {pending[:3]}"})
-    from harp_assets import stages
-    from harp_assets.base_scores import load_base
-
     active = active_domains(post.mean, post.sd, z=settings.z_active)
     base, bmeta = load_base(lineage)
     current = stages.select_harp(post, stages.base_scores(base, list(bmeta["domains"])), table,

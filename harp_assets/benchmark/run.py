@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from harp_assets.settings import write_json_atomic
+
 log = logging.getLogger("harp.benchmark")
 
 DEFAULT_POOL = 10_000
@@ -61,19 +63,11 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    from harp_assets.settings import write_json_atomic
-
-    write_json_atomic(path, obj)
-
-
 class Bench:
     """The shared, seed-independent part: demo files, embeddings, models, base scores."""
 
     def __init__(self, cfg: BenchConfig, demo_dir: Path, out: Path, *, base_model: Any = None,
                  embedder: Any = None, threads: int = 0, settings: Any = None) -> None:
-        import polars as pl
-
         from harp_assets import stages
         from harp_assets.benchmark.metrics import load_ground_truth
         from harp_assets.demo.build import DEMO_LORA, VALIDATION_LORA, build_demo
@@ -91,6 +85,7 @@ class Bench:
         paths = build_demo(demo_dir, pool_size=cfg.pool_size, seed=cfg.demo_seed, model=base_model)
         self.demo_seconds = time.perf_counter() - t0
         self.paths = paths
+        self.demo_fingerprint = paths.read_manifest()["fingerprint"]
         pool = load_pool(paths.pool)
         self.ids = pool["example_id"].to_list()
         self.prompts = pool["prompt"].to_list()
@@ -128,12 +123,11 @@ class Bench:
         self.b = stages.base_scores(self.base_proxy, self.domains)
         base_test = stages.validate_examples(self.val_finetuner, self.evaluator, [], [], self.test_set, seed=0)
         self.base_test = float(np.mean([base_test.per_domain[d] for d in self.domains]))
-        self.pl = pl
 
     # -- one seed ------------------------------------------------------------------------------------------
 
     def _cache_file(self, kind: str, seed: int, *parts: Any) -> Path:
-        key = _fingerprint([self.paths.read_manifest()["fingerprint"], self.recipe, seed, *parts])
+        key = _fingerprint([self.demo_fingerprint, self.recipe, seed, *parts])
         return self.out / "cache" / f"{kind}-seed{seed}-{key}"
 
     def validate(self, rows: list[int], seed: int) -> tuple[dict[str, float], float, float]:
@@ -151,7 +145,7 @@ class Bench:
                                      [self.responses[r] for r in rows], self.test_set, seed=seed)
         per = {d: float(m.per_domain[d]) for d in self.domains}
         acc = float(np.mean(list(per.values())))
-        _write_json_atomic(path, {"per_domain": per, "accuracy": acc, "seconds": m.seconds})
+        write_json_atomic(path, {"per_domain": per, "accuracy": acc, "seconds": m.seconds})
         return per, acc, m.seconds
 
     def measure_all(self, h: Any, seed: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -326,7 +320,7 @@ def run_benchmark(cfg: BenchConfig, demo_dir: Path, out: Path, **bench_kw: Any) 
     """Every seed (cached ones reused), then the report; returns the report's files by name."""
     t_all = time.perf_counter()
     bench = Bench(cfg, demo_dir, out, **bench_kw)
-    key = _fingerprint([dataclasses.asdict(cfg), bench.recipe, bench.paths.read_manifest()["fingerprint"],
+    key = _fingerprint([dataclasses.asdict(cfg), bench.recipe, bench.demo_fingerprint,
                         bench.settings.model_dump()])
     records: list[dict] = []
     diagnostics: list[dict] = []
@@ -338,7 +332,7 @@ def run_benchmark(cfg: BenchConfig, demo_dir: Path, out: Path, **bench_kw: Any) 
         else:
             recs, diag = bench.run_seed(seed)
             got = {"records": recs, "diagnostics": diag}
-            _write_json_atomic(cache, got)
+            write_json_atomic(cache, got)
         records.extend(got["records"])
         diagnostics.append(got["diagnostics"])
     from harp_assets.benchmark.report import write_report
