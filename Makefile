@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test lint bench bench-method bench-models demo validate ui demo-data
+.PHONY: setup test test-fast lint bench bench-method bench-models demo validate ui demo-data
 
 setup: $(VENV)/.installed
 
@@ -17,12 +17,18 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet $(PIP_C) -e '.[test]'
 	touch $@
 
-test: setup
-	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+# Everything CI runs: lint, the layer contracts (pyproject.toml [tool.importlinter]) and every test, in random
+# order (each test owns its state).
+test: lint
+	$(PY) -m pytest -q -p random_order --random-order
+
+# The edit loop: the tests not marked slow (no model training, no Dagster runs).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # Method-core speed: greedy envelopes (G=2,000 and 20,000 x 57) and the hierarchy (100k and 1M x 384).
 bench-method: setup
@@ -40,24 +46,24 @@ DEMO_POOL ?= 20000
 DEMO_SEED ?= 0
 DEMO_BUILD_FLAGS ?=
 demo-data: setup
-	$(PY) -m harp_assets.demo.build --out "$${HARP_DEMO_DIR:-$(DAGSTER_HOME)/demo}" --pool-size $(DEMO_POOL) \
+	$(PY) -m harp_demo.build --out "$${HARP_DEMO_DIR:-$(DAGSTER_HOME)/demo}" --pool-size $(DEMO_POOL) \
 		--seed $(DEMO_SEED) $(DEMO_BUILD_FLAGS)
 
 # Build the demo, materialise the whole graph and print the summary (selections, utilities, runs, timings).
 demo: setup
-	$(PY) -m harp_assets.demo_run --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
+	$(PY) -m harp_demo.run --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
 
 # The validation group on the demo, after the main job: measure every leaf (the exhaustive oracle), then
 # finetune on each selection and the full pool and score the held-out test split.
 validate: setup
-	$(PY) -m harp_assets.demo_run --validate --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
+	$(PY) -m harp_demo.run --validate --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
 
 # The selection-quality and cost benchmark: HARP-C/E, active rounds, exhaustive oracle, TSDS, random and the
-# full pool over 3 seeds and 3 budgets, report in reports/benchmark/. A quick look: BENCH_FLAGS="--pool-size
+# full pool over 3 seeds and 3 budgets; the report (committed, quoted by the README) in docs/benchmark/. A quick look: BENCH_FLAGS="--pool-size
 # 2000 --seeds 0". Finished seeds are cached, so an interrupted run resumes.
 BENCH_FLAGS ?=
 bench: setup
-	$(PY) -m harp_assets.benchmark.run $(BENCH_FLAGS)
+	$(PY) -m benchmarks.quality.run --out docs/benchmark $(BENCH_FLAGS)
 
 # The Dagster UI on the demo, bound to loopback. `exec` under a launcher that restores default SIGINT/SIGTERM
 # handling: a shell started without a terminal leaves them ignored, and then Ctrl-C would not stop dagster.

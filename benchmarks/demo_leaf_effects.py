@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harp_assets.demo.build import DEMO_LORA, DemoPaths, build_demo  # noqa: E402
-from harp_resources.data_contracts import load_eval_set, load_pool  # noqa: E402
-from harp_resources.evaluator import Evaluator  # noqa: E402
-from harp_resources.finetuner import LoraFinetuner, train_and_evaluate  # noqa: E402
+from harp.contracts import load_eval_set, load_pool  # noqa: E402
+from harp.models.evaluator import Evaluator  # noqa: E402
+from harp.models.finetuner import LoraFinetuner, train_and_evaluate  # noqa: E402
+from harp_demo.build import DEMO_LORA, DemoPaths, build_demo  # noqa: E402
 
 KINDS_MEASURED = ("clean", "harmful", "redundant")
 
@@ -84,8 +84,8 @@ def sets_from_hierarchy(
 ) -> tuple[list[dict], dict]:
     """Embed the pool, build the hierarchy, then sample `per_kind` leaves per (domain, kind) among the leaves
     whose largest group is that (domain, kind); uniformly, so typical leaves are measured, not the largest."""
-    from harp_assets.method.hierarchy import build_parent_leaf_hierarchy
-    from harp_resources.embedder import EmbedderResource
+    from harp.method.hierarchy import build_parent_leaf_hierarchy
+    from harp.models.embedder import EmbedderResource
 
     emb = EmbedderResource(device="cpu")
     pool_sha = paths.read_manifest()["files"][paths.pool.name][:12]

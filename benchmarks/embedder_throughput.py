@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harp_resources.device import DeviceResource  # noqa: E402
-from harp_resources.embedder import EmbedderResource, mean_pool_normalise  # noqa: E402
+from harp.models.device import DeviceResource  # noqa: E402
+from harp.models.embedder import EmbedderResource, mean_pool_normalise  # noqa: E402
 
 _WORDS = (
     "the model data train example answer question explain step result value function number list "

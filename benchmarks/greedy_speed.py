@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harp_assets.method.envelopes import ENVELOPES, greedy_taskaware  # noqa: E402
+from harp.method.envelopes import ENVELOPES, greedy_taskaware  # noqa: E402
 
 _ARRAYS_READ = {"conservative": 2, "expansive": 1}
 

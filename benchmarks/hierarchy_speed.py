@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> dict:
     import faiss
     import numpy as np
 
-    from harp_assets.method.hierarchy import build_parent_leaf_hierarchy
+    from harp.method.hierarchy import build_parent_leaf_hierarchy
 
     rss_start = _rss_mib()
     t0 = time.perf_counter()

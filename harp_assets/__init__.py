@@ -1,2 +1,2 @@
-"""HARP as a Dagster project: the method core (`harp_assets.method`), the demo benchmark
+"""HARP as a Dagster project: the method core (`harp.method`), the demo benchmark
 (`harp_assets.demo`) and the asset graph built on them."""

@@ -18,50 +18,27 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from harp_assets import stages
-from harp_assets.base_scores import load_base
-from harp_assets.leaves import load_leaf_table
-from harp_assets.method.active import choose_active_leaves
-from harp_assets.method.envelopes import active_domains
-from harp_assets.settings import GROUP, HarpSettings, artifacts_dir, read_json, sha16, write_json_atomic
-from harp_resources.lineage_store import LineageStore
-
-ACTIVE_PLAN = "active_rounds.json"
+from harp import driver, stages, store
+from harp.versions import sha16
+from harp_assets.groups import SELECT
+from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.posteriors import phi_posteriors
+from harp_resources import LineageResource, SettingsResource
 
 
-def read_plan(lineage: LineageStore) -> list[dict]:
-    """The planned rounds, oldest first: `{"round", "leaves", "scores", "created_at", "run_id"}` each."""
-    path = artifacts_dir(lineage) / ACTIVE_PLAN
-    return read_json(path, "active_round_plan")["rounds"] if path.is_file() else []
-
-
-def planned_leaves(lineage: LineageStore) -> list[str]:
-    """Every leaf some active round asked for that is still in the current leaf table."""
-    current = set(load_leaf_table(lineage).leaf_ids.tolist())
-    return sorted({leaf for r in read_plan(lineage) for leaf in r["leaves"] if leaf in current})
-
-
-def harp_leaves(lineage: LineageStore) -> set[str]:
-    """The leaves HARP measures: the representatives and the active rounds' picks."""
-    table = load_leaf_table(lineage)
-    return set(table.leaf_ids[table.representative].tolist()) | set(planned_leaves(lineage))
-
-
-@dg.asset(group_name=GROUP, kinds={"numpy"}, deps=["phi_posteriors", "leaf_hierarchy"])
+@dg.asset(group_name=SELECT, kinds={"numpy"}, deps=[phi_posteriors, leaf_hierarchy])
 def active_round_plan(
-    context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore
+    context: dg.AssetExecutionContext, settings: SettingsResource, lineage: LineageResource
 ) -> dg.MaterializeResult:
     """The next active round's leaves (sd x possible gain), once the previous round is in the posteriors."""
-    from harp_assets.posteriors import load_posteriors  # posteriors.py imports harp_leaves from here
-
     t0 = time.perf_counter()
-    rounds = read_plan(lineage)
-    table = load_leaf_table(lineage)
-    post, meta = load_posteriors(lineage)
+    rounds = store.read_plan(lineage)
+    table = store.load_leaf_table(lineage)
+    post, meta = store.load_posteriors(lineage)
     if meta["leaf_ids"] != table.leaf_ids.tolist():
         raise ValueError("phi_posteriors were fitted on another leaf table: materialise phi_posteriors again")
     in_posteriors = set(meta["measured_leaves"])
-    pending = [leaf for leaf in planned_leaves(lineage) if leaf not in in_posteriors]
+    pending = [leaf for leaf in store.planned_leaves(lineage) if leaf not in in_posteriors]
     md: dict = {"rounds_planned": len(rounds), "rounds_configured": settings.active_rounds,
                 "runs_per_round": settings.active_runs}
     if settings.active_runs == 0 or len(rounds) >= settings.active_rounds:
@@ -72,21 +49,15 @@ def active_round_plan(
         return dg.MaterializeResult(metadata={
             **md, "new_round": False, "pending_leaves": len(pending),
             "reason": f"round {len(rounds)} still has {len(pending)} leaf(s) to measure, e.g. {pending[:3]}"})
-    active = active_domains(post.mean, post.sd, z=settings.z_active)
-    base, bmeta = load_base(lineage)
-    current = stages.select_harp(post, stages.base_scores(base, list(bmeta["domains"])), table,
-                                 envelope=settings.primary_envelope, top_k_points=settings.top_k_points,
-                                 z_active=settings.z_active)
-    selected = np.unique(np.asarray(current.leaf_of_row, dtype=np.int64))
-    pick = choose_active_leaves(post.mean, post.sd, post.measured, settings.active_runs, active,
-                                z=settings.active_z, selected=selected)
+    base, bmeta = store.load_base(lineage)
+    pick = driver.plan_active_round(post, stages.base_scores(base, list(bmeta["domains"])), table, settings)
     leaves = table.leaf_ids[pick.leaves].tolist()
     scores = [float(pick.scores[g]) for g in pick.leaves]
     number = len(rounds) + 1
     now = dt.datetime.now(dt.timezone.utc)
     rounds.append({"round": number, "leaves": leaves, "scores": scores, "created_at": now.isoformat(),
                    "run_id": context.run.run_id, "posterior_leaves_measured": len(in_posteriors)})
-    write_json_atomic(artifacts_dir(lineage) / ACTIVE_PLAN, {"rounds": rounds})
+    store.write_plan(lineage, rounds)
     if leaves:
         key = f"round{number}-{sha16(context.run.run_id, now.isoformat())}"
         lineage.append_run("active_rounds", key, pl.DataFrame({

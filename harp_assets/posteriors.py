@@ -2,7 +2,6 @@
 
 
 import base64
-import dataclasses
 import io
 import time
 
@@ -10,46 +9,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from harp_assets import stages
-from harp_assets.active_round import harp_leaves
-from harp_assets.base_scores import load_base
-from harp_assets.leaf_utilities import aligned_correctness, leaf_versions, read_measurements
-from harp_assets.leaves import load_leaf_table
-from harp_assets.method import Hyperparameters, Posteriors
-from harp_assets.method.envelopes import active_domains
-from harp_assets.settings import (
-    GROUP,
-    HarpSettings,
-    artifacts_dir,
-    read_json,
-    write_json_atomic,
-    write_npz_atomic,
-)
-from harp_assets.sources import load_pool_artifact
-from harp_resources.finetuner import LoraFinetuner
-from harp_resources.lineage_store import LineageStore
-
-POSTERIORS_FILE = "posteriors.npz"
-POSTERIORS_META = "posteriors.json"
-
-
-def load_posteriors(lineage: LineageStore) -> tuple[Posteriors, dict]:
-    """The persisted posteriors (rows in the leaf table's order) and their metadata."""
-    out = artifacts_dir(lineage)
-    meta = read_json(out / POSTERIORS_META, "phi_posteriors")
-    with np.load(out / POSTERIORS_FILE, allow_pickle=False) as z:
-        mean, sd, measured = z["mean"], z["sd"], z["measured"]
-        leaf_ids = z["leaf_ids"].tolist()
-    h = meta["hyper"]
-    hyper = Hyperparameters(**{f.name: _from_json(f.name, h[f.name]) for f in dataclasses.fields(Hyperparameters)})
-    meta["leaf_ids"] = leaf_ids
-    return Posteriors(mean=mean, sd=sd, measured=measured, hyper=hyper, n_measured=int(measured.sum())), meta
-
-
-def _from_json(name: str, value: object) -> object:
-    if name == "fallback":
-        return tuple(value)
-    return np.asarray(value) if isinstance(value, list) else value
+from harp import driver, store
+from harp.method import active_domains
+from harp_assets.base_scores import base_model_scores
+from harp_assets.checking import check_result
+from harp_assets.groups import SELECT
+from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.leaf_utilities import leaf_utilities
+from harp_resources import EvaluatorResource, FinetunerResource, LineageResource, SettingsResource
 
 
 def _heatmap(mean: np.ndarray, measured: np.ndarray, domains: list[str]) -> str | None:
@@ -74,9 +41,13 @@ def _heatmap(mean: np.ndarray, measured: np.ndarray, domains: list[str]) -> str 
     return f"![phi heatmap](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
-@dg.asset(group_name=GROUP, kinds={"numpy", "parquet"}, deps=["leaf_utilities", "leaf_hierarchy", "base_model_scores"])
+@dg.asset(group_name=SELECT, kinds={"numpy", "parquet"}, deps=[leaf_utilities, leaf_hierarchy, base_model_scores])
 def phi_posteriors(
-    context: dg.AssetExecutionContext, finetuner: LoraFinetuner, settings: HarpSettings, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    finetuner: FinetunerResource,
+    evaluator: EvaluatorResource,
+    settings: SettingsResource,
+    lineage: LineageResource,
 ) -> dg.MaterializeResult:
     """Posterior mean and sd of every leaf's per-domain effect phi, from HARP's up-to-date measured leaves.
 
@@ -84,12 +55,12 @@ def phi_posteriors(
     exhaustive validation mode) are left out, so the posteriors never use data HARP did not pay for.
     """
     t0 = time.perf_counter()
-    table = load_leaf_table(lineage)
-    base, meta = load_base(lineage)
+    table = store.load_leaf_table(lineage)
+    base, meta = store.load_base(lineage)
     domains = list(meta["domains"])
-    versions = leaf_versions(lineage, finetuner, settings)
-    fresh_all, stale = read_measurements(lineage, versions)
-    wanted = harp_leaves(lineage)
+    versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
+    fresh_all, stale = store.read_measurements(lineage, versions)
+    wanted = store.harp_leaves(lineage)
     fresh = {leaf: frame for leaf, frame in fresh_all.items() if leaf in wanted}
     stale = [leaf for leaf in stale if leaf in wanted]
     if not fresh:
@@ -101,14 +72,11 @@ def phi_posteriors(
     unmeasured_reps = sorted(reps - set(fresh))
     if unmeasured_reps:
         context.log.warning(f"{len(unmeasured_reps)} representative leaves are not measured or stale: {unmeasured_reps[:10]}")
-    measurements = aligned_correctness(fresh, table, base)
-    effects = stages.main_effects(measurements, base, domains, n_boot=settings.n_boot, seed=settings.seed)
-    measured_idx = np.array(sorted(measurements), dtype=np.int64)
-    post = stages.infer_posteriors(table, effects, measured_idx)
-    if not (np.isfinite(post.mean).all() and np.isfinite(post.sd).all()):
-        raise ValueError("posteriors are not finite: check the leaf measurements")
+    fit = driver.fit_posteriors(table, store.aligned_correctness(fresh, table, base), base, domains,
+                                n_boot=settings.n_boot, seed=settings.seed)
+    post = fit.posteriors
     active = active_domains(post.mean, post.sd, z=settings.z_active)
-    _, version = load_pool_artifact(lineage)
+    _, version = store.load_pool_artifact(lineage)
     G, D = post.mean.shape
     leaf_ids = table.leaf_ids.tolist()
     lineage.write_table("phi_posteriors", pl.DataFrame({
@@ -120,12 +88,8 @@ def phi_posteriors(
         "active_domain": np.tile(active, G).tolist(),
         "pool_version": [version] * (G * D),
     }))
-    out = artifacts_dir(lineage)
-    write_npz_atomic(out / POSTERIORS_FILE, mean=post.mean, sd=post.sd, measured=post.measured,
-                     leaf_ids=np.asarray(leaf_ids, dtype=str))
-    hyper = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(post.hyper).items()}
-    write_json_atomic(out / POSTERIORS_META, {
-        "domains": domains, "hyper": hyper, "measured_leaves": sorted(fresh), "stale_leaves": stale,
+    store.write_posteriors(lineage, post, leaf_ids, {
+        "domains": domains, "measured_leaves": sorted(fresh), "stale_leaves": stale,
         "active": active.tolist(), "pool_version": version,
     })
     md = {
@@ -143,3 +107,48 @@ def phi_posteriors(
     if img:
         md["phi_heatmap"] = dg.MetadataValue.md(img)
     return dg.MaterializeResult(metadata=md)
+
+
+@dg.asset_check(
+    asset=phi_posteriors,
+    description="Every representative leaf has stored utilities carrying the current data version, used by the fit.",
+)
+def representatives_measured_and_current(
+    lineage: LineageResource, finetuner: FinetunerResource, evaluator: EvaluatorResource, settings: SettingsResource
+) -> dg.AssetCheckResult:
+    """Compares each representative's stored data version with the expected one (members, model, eval, recipe, seed)."""
+    table = store.load_leaf_table(lineage)
+    versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
+    reps = sorted(table.leaf_ids[table.representative].tolist())
+    stored = {leaf: store.stored_version(lineage, leaf) for leaf in reps}
+    _, meta = store.load_posteriors(lineage)
+    used = set(meta.get("measured_leaves", []))
+    return check_result(
+        {
+            "unmeasured": [leaf for leaf in reps if stored[leaf] is None],
+            "stale": [leaf for leaf in reps if stored[leaf] is not None and stored[leaf] != versions[leaf]],
+            "not_in_posteriors": [leaf for leaf in reps if leaf not in used],
+        },
+        representatives=len(reps),
+    )
+
+
+@dg.asset_check(asset=phi_posteriors, description="Posterior means and sds are finite (sd >= 0) for every leaf and domain.")
+def posteriors_finite(lineage: LineageResource) -> dg.AssetCheckResult:
+    """Reads the queryable `phi_posteriors` table, the one data teams see."""
+    table = store.load_leaf_table(lineage)
+    post = lineage.read_table("phi_posteriors")
+    bad = post.filter(~pl.col("mean").is_finite() | ~pl.col("sd").is_finite() | (pl.col("sd") < 0))
+    n_dom = post["domain"].n_unique()
+    covered = post.group_by("leaf_id").len()
+    short = covered.filter(pl.col("len") != n_dom)["leaf_id"].to_list()
+    missing = sorted(set(table.leaf_ids.tolist()) - set(covered["leaf_id"].to_list()))
+    return check_result(
+        {"non_finite_rows": [f"{r['leaf_id']}/{r['domain']}" for r in bad.iter_rows(named=True)],
+         "leaves_missing": missing + short},
+        rows=post.height,
+        max_abs_mean=float(np.nanmax(np.abs(post["mean"].to_numpy()))) if post.height else 0.0,
+    )
+
+
+POSTERIOR_CHECKS = [representatives_measured_and_current, posteriors_finite]

@@ -1,30 +1,29 @@
-"""The selections under one point budget (HARP-C, HARP-E, TSDS, random) and the lineage catalog.
+"""The selections under one point budget (HARP-C, HARP-E, TSDS, random).
 
 Each selection is appended to the `selections` history table under a new selection id, so data teams can
-compare runs; `lineage_catalog` then records the run manifest and rebuilds the DuckDB views (the one writer).
+compare runs; `lineage_catalog` (catalog.py) then records the run manifest and rebuilds the DuckDB views.
 """
 
 
 import datetime as dt
-import json
 import time
+from collections import Counter
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
-from harp_assets import stages
-from harp_assets.active_round import harp_leaves, read_plan
-from harp_assets.base_scores import load_base
-from harp_assets.embeddings import load_embeddings
-from harp_assets.leaf_utilities import leaf_versions, read_measurements
-from harp_assets.leaves import load_leaf_table
-from harp_assets.posteriors import load_posteriors
-from harp_assets.settings import GROUP, HarpSettings, lora_recipe
-from harp_assets.sources import load_eval_artifact, load_pool_artifact
-from harp_resources.embedder import EmbedderResource
-from harp_resources.finetuner import LoraFinetuner
-from harp_resources.lineage_store import LineageStore, selection_id_for
+from harp import driver, stages, store
+from harp.config import HarpSettings
+from harp.lineage import LineageStore, selection_id_for
+from harp_assets.base_scores import base_model_scores
+from harp_assets.checking import check_result
+from harp_assets.embeddings import example_embeddings
+from harp_assets.groups import SELECT
+from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.posteriors import phi_posteriors
+from harp_assets.sources import pool_examples, proxy_eval_set
+from harp_resources import EmbedderResource, LineageResource, SettingsResource
 
 METHODS = ("harp_c", "harp_e", "tsds", "random")
 
@@ -44,7 +43,7 @@ def newest_selection(instance: dg.DagsterInstance, lineage: LineageStore, method
     return sid, rows["example_id"].to_list()
 
 
-def _record(
+def record_selection(
     context: dg.AssetExecutionContext,
     lineage: LineageStore,
     method: str,
@@ -54,8 +53,8 @@ def _record(
     predicted: float | None = None,
 ) -> dict:
     """Append one selection to the `selections` table; returns metadata shared by every method."""
-    table = load_leaf_table(lineage)
-    pool, version = load_pool_artifact(lineage)
+    table = store.load_leaf_table(lineage)
+    pool, version = store.load_pool_artifact(lineage)
     pool_ids = set(pool["example_id"].to_list())
     outside = [e for e in example_ids if e not in pool_ids]
     if outside:
@@ -88,17 +87,18 @@ def _record(
     return {"selection_id": sid, "selected": n, "budget": budget, "leaves_used": int(np.unique(g).size)}
 
 
-def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore, key: str, envelope: str):
+def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore, key: str):
     t0 = time.perf_counter()
-    table = load_leaf_table(lineage)
-    post, meta = load_posteriors(lineage)
+    table = store.load_leaf_table(lineage)
+    post, meta = store.load_posteriors(lineage)
     if meta["leaf_ids"] != table.leaf_ids.tolist():
         raise ValueError("phi_posteriors were fitted on another leaf table: materialise phi_posteriors again")
-    base, bmeta = load_base(lineage)
+    base, _ = store.load_base(lineage)
     domains = list(meta["domains"])
     b = stages.base_scores(base, domains)
-    sel = stages.select_harp(post, b, table, envelope=envelope, top_k_points=settings.top_k_points,
-                             z_active=settings.z_active)
+    sel = driver.select_envelopes(post, b, table, top_k_points=settings.top_k_points, z_active=settings.z_active,
+                                  methods=(key,))[key]
+    envelope = driver.ENVELOPES[key]
     rows = sel.example_rows.tolist()
     ids = table.example_ids[rows].tolist()
     gain = np.asarray(sel.row_gain, dtype=np.float64)
@@ -106,7 +106,7 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     active = np.asarray(sel.active, dtype=bool)
     pred = np.asarray(sel.predicted_rows, dtype=np.float64)
     predicted = float(pred[active].mean()) if active.any() else None
-    md = _record(context, lineage, key, ids, settings.top_k_points, gains, predicted)
+    md = record_selection(context, lineage, key, ids, settings.top_k_points, gains, predicted)
     g = sel.greedy
     md.update({
         "envelope": envelope,
@@ -123,126 +123,100 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     return dg.MaterializeResult(metadata=md)
 
 
-_SEL_DEPS = ["phi_posteriors", "leaf_hierarchy", "base_model_scores"]
+_SEL_DEPS = [phi_posteriors, leaf_hierarchy, base_model_scores]
 
 
-@dg.asset(group_name=GROUP, kinds={"numpy"}, deps=_SEL_DEPS)
-def harp_c_selection(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore) -> dg.MaterializeResult:
+@dg.asset(group_name=SELECT, kinds={"numpy"}, deps=_SEL_DEPS)
+def harp_c_selection(
+    context: dg.AssetExecutionContext, settings: SettingsResource, lineage: LineageResource
+) -> dg.MaterializeResult:
     """HARP-C: leaves ranked by the conservative envelope's greedy gain, cut at the best prefix, capped at the budget."""
-    return _harp(context, settings, lineage, "harp_c", "conservative")
+    return _harp(context, settings, lineage, "harp_c")
 
 
-@dg.asset(group_name=GROUP, kinds={"numpy"}, deps=_SEL_DEPS)
-def harp_e_selection(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore) -> dg.MaterializeResult:
+@dg.asset(group_name=SELECT, kinds={"numpy"}, deps=_SEL_DEPS)
+def harp_e_selection(
+    context: dg.AssetExecutionContext, settings: SettingsResource, lineage: LineageResource
+) -> dg.MaterializeResult:
     """HARP-E: as HARP-C under the expansive envelope, which accepts more uncertain leaves."""
-    return _harp(context, settings, lineage, "harp_e", "expansive")
+    return _harp(context, settings, lineage, "harp_e")
 
 
-@dg.asset(group_name=GROUP, kinds={"faiss"}, deps=["example_embeddings", "proxy_eval_set", "leaf_hierarchy"])
+@dg.asset(group_name=SELECT, kinds={"faiss"}, deps=[example_embeddings, proxy_eval_set, leaf_hierarchy])
 def tsds_selection(
-    context: dg.AssetExecutionContext, settings: HarpSettings, embedder: EmbedderResource, lineage: LineageStore
+    context: dg.AssetExecutionContext, settings: SettingsResource, embedder: EmbedderResource,
+    lineage: LineageResource,
 ) -> dg.MaterializeResult:
     """TSDS baseline: pool examples drawn towards the proxy eval prompts (the queries), at the same budget."""
     t0 = time.perf_counter()
-    ids, X, model_id = load_embeddings(lineage)
+    ids, X, model_id = store.load_embeddings(lineage)
     if model_id != embedder.model_id:
         raise ValueError(f"pool embeddings come from {model_id}, the embedder is {embedder.model_id}: "
                          "materialise example_embeddings again")
-    eval_set, _ = load_eval_artifact(lineage)
+    eval_set, _ = store.load_eval_artifact(lineage)
     Q = embedder.embed(eval_set["prompt"].to_list())
     budget = min(settings.top_k_points, len(ids))
     sel = stages.select_tsds(X, Q, budget, seed=settings.seed, params=settings.tsds_params())
     counts = np.asarray(sel.counts)
     picked = np.flatnonzero(counts > 0)
     order = picked[np.lexsort((picked, -counts[picked]))]  # most drawn first, ties by pool row
-    md = _record(context, lineage, "tsds", ids[order].tolist(), settings.top_k_points)
+    md = record_selection(context, lineage, "tsds", ids[order].tolist(), settings.top_k_points)
     md.update({"draws": int(counts.sum()), "distinct": int(order.size), "queries": int(Q.shape[0]),
                "seconds": round(time.perf_counter() - t0, 3)})
     return dg.MaterializeResult(metadata=md)
 
 
-@dg.asset(group_name=GROUP, kinds={"numpy"}, deps=["pool_examples", "leaf_hierarchy"])
-def random_selection(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore) -> dg.MaterializeResult:
+@dg.asset(group_name=SELECT, kinds={"numpy"}, deps=[pool_examples, leaf_hierarchy])
+def random_selection(
+    context: dg.AssetExecutionContext, settings: SettingsResource, lineage: LineageResource
+) -> dg.MaterializeResult:
     """Random baseline: distinct pool examples drawn uniformly for the seed, at the same budget."""
-    pool, _ = load_pool_artifact(lineage)
+    pool, _ = store.load_pool_artifact(lineage)
     sel = stages.select_random(pool.height, settings.top_k_points, seed=settings.seed)
     ids = pool["example_id"].gather(sel.example_rows.tolist()).to_list()
-    return dg.MaterializeResult(metadata=_record(context, lineage, "random", ids, settings.top_k_points))
+    return dg.MaterializeResult(metadata=record_selection(context, lineage, "random", ids, settings.top_k_points))
 
 
-_STAGES = ("pool_examples", "proxy_eval_set", "example_embeddings", "leaf_hierarchy", "base_model_scores",
-           "leaf_utilities", "phi_posteriors", "harp_c_selection", "harp_e_selection", "tsds_selection",
-           "random_selection")
+SELECTION_ASSETS = {"harp_c": harp_c_selection, "harp_e": harp_e_selection, "tsds": tsds_selection,
+                    "random": random_selection}
 
 
-def _stage_seconds(context: dg.AssetExecutionContext) -> dict[str, float]:
-    """Wall seconds each stage reported in its latest materialisation (leaf_utilities: its latest step)."""
-    out: dict[str, float] = {}
-    for name in _STAGES:
-        event = context.instance.get_latest_materialization_event(dg.AssetKey(name))
+def _selection_check(method: str, asset_def: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
+    asset = asset_def.key.to_user_string()
+
+    @dg.asset_check(
+        asset=asset_def,
+        name=f"{method}_within_budget_and_pool",
+        description="The latest selection is within the budget, has no repeats and only pool examples.",
+    )
+    def _check(
+        context: dg.AssetCheckExecutionContext, lineage: LineageResource, settings: SettingsResource
+    ) -> dg.AssetCheckResult:
+        event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
         mat = event.asset_materialization if event is not None else None
-        if mat is None:
-            continue
-        for field in ("seconds", "step_seconds"):
-            if field in mat.metadata:
-                out[name] = float(mat.metadata[field].value)
-    return out
+        if mat is None or "selection_id" not in mat.metadata:
+            return dg.AssetCheckResult(passed=False, metadata={"error": f"{asset} has no materialisation with a selection_id"})
+        sid = str(mat.metadata["selection_id"].value)
+        rows = lineage.read_partition("selections", sid)
+        if rows is None:
+            return dg.AssetCheckResult(passed=False, metadata={"error": f"selection {sid} is not in the selections table"})
+        pool, _ = store.load_pool_artifact(lineage)
+        pool_ids = set(pool["example_id"].to_list())
+        ids = rows["example_id"].to_list()
+        over = [f"{len(ids)} > {settings.top_k_points}"] if len(ids) > settings.top_k_points else []
+        return check_result(
+            {
+                "over_budget": over,
+                "outside_pool": [e for e in ids if e not in pool_ids],
+                "repeated": sorted(e for e, n in Counter(ids).items() if n > 1),
+                "other_method_rows": sorted(set(rows["method"].to_list()) - {method}),
+            },
+            selection_id=sid,
+            selected=len(ids),
+            budget=settings.top_k_points,
+        )
+
+    return _check
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"duckdb"},
-    deps=["harp_c_selection", "harp_e_selection", "tsds_selection", "random_selection", "active_round_plan"],
-)
-def lineage_catalog(
-    context: dg.AssetExecutionContext,
-    settings: HarpSettings,
-    finetuner: LoraFinetuner,
-    embedder: EmbedderResource,
-    lineage: LineageStore,
-) -> dg.MaterializeResult:
-    """The run manifest, and the DuckDB catalog of views over every lineage table (rebuilt by this one writer)."""
-    t0 = time.perf_counter()
-    pool, version = load_pool_artifact(lineage)
-    table = load_leaf_table(lineage)
-    _, bmeta = load_base(lineage)
-    fresh_all, _ = read_measurements(lineage, leaf_versions(lineage, finetuner, settings))
-    wanted = harp_leaves(lineage)
-    fresh = [leaf for leaf in fresh_all if leaf in wanted]
-    rounds = read_plan(lineage)
-    stored = lineage.partition_keys("leaf_utilities")
-    now = dt.datetime.now(dt.timezone.utc)
-    manifest = pl.DataFrame({
-        "run_id": [context.run.run_id],
-        "created_at": [now],
-        "pool_version": [version],
-        "embedder": [embedder.model_id],
-        "base_model": [f"{bmeta['base_model']} ({bmeta['base_model_id']})"],
-        "config_json": [json.dumps({"settings": settings.model_dump(), "lora": lora_recipe(finetuner),
-                                    "eval_hash": bmeta["eval_hash"]}, sort_keys=True, default=str)],
-        "seed": [settings.seed],
-        "train_eval_runs": [len(stored)],
-        "leaves_total": [table.n_leaves],
-        "leaves_measured": [len(fresh)],
-        "examples": [pool.height],
-        "seconds_json": [json.dumps(_stage_seconds(context), sort_keys=True)],
-        "active_rounds": [len(rounds)],
-        "active_leaves": [sum(len(r["leaves"]) for r in rounds)],
-    }, schema_overrides={"created_at": pl.Datetime("us", "UTC"), "train_eval_runs": pl.Int32,
-                         "leaves_total": pl.Int32, "leaves_measured": pl.Int32, "active_rounds": pl.Int32,
-                         "active_leaves": pl.Int32})
-    lineage.append_run("run_manifests", context.run.run_id, manifest, exist_ok=True)
-    files = lineage.refresh_catalog()
-    sizes = {}
-    for method in METHODS:
-        got = newest_selection(context.instance, lineage, method)
-        if got is not None:
-            sizes[method] = len(got[1])
-    return dg.MaterializeResult(metadata={
-        "duckdb": str(lineage.catalog_path),
-        "files_per_table": dg.MetadataValue.json(files),
-        "latest_selection_sizes": dg.MetadataValue.json(sizes),
-        "leaves_measured": len(fresh),
-        "leaves_total": table.n_leaves,
-        "seconds": round(time.perf_counter() - t0, 3),
-    })
+SELECTION_CHECKS = [_selection_check(m, a) for m, a in SELECTION_ASSETS.items()]

@@ -8,41 +8,29 @@ pool even when files are added to the source meanwhile.
 import time
 
 import dagster as dg
-import polars as pl
 
-from harp_assets.settings import (
-    GROUP,
-    artifacts_dir,
-    eval_set_hash,
-    read_json,
-    read_parquet,
-    write_json_atomic,
-    write_parquet_atomic,
-)
-from harp_resources.lineage_store import LineageStore
-from harp_resources.pool_source import PoolSource, pool_version
-
-POOL_FILE = "pool.parquet"
-POOL_META = "pool.json"
-EVAL_FILE = "eval_set.parquet"
-EVAL_META = "eval_set.json"
+from harp import store
+from harp.sources import pool_version
+from harp.versions import eval_set_hash
+from harp_assets.groups import PREPARE
+from harp_resources import LineageResource, PoolSourceResource
 
 
-@dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
-def pool_examples(context: dg.AssetExecutionContext, pool_source: PoolSource, lineage: LineageStore) -> dg.MaterializeResult:
+@dg.asset(group_name=PREPARE, kinds={"polars", "parquet"})
+def pool_examples(
+    context: dg.AssetExecutionContext, pool_source: PoolSourceResource, lineage: LineageResource
+) -> dg.MaterializeResult:
     """The candidate training pool (example_id, prompt, response, source file), validated and versioned."""
     t0 = time.perf_counter()
     pool = pool_source.load_pool().select("example_id", "prompt", "response", "source")
     version = pool_version(pool)
-    out = artifacts_dir(lineage)
-    write_parquet_atomic(pool, out / POOL_FILE)
-    write_json_atomic(out / POOL_META, {"pool_version": version, "n_examples": pool.height,
-                                        "files": [f.name for f in pool_source.files()]})
-    context.log.info(f"pool: {pool.height} examples from {len(pool_source.files())} file(s), version {version}")
+    files = [f.name for f in pool_source.files()]
+    store.write_pool(lineage, pool, version, files)
+    context.log.info(f"pool: {pool.height} examples from {len(files)} file(s), version {version}")
     return dg.MaterializeResult(
         metadata={
             "examples": pool.height,
-            "files": len(pool_source.files()),
+            "files": len(files),
             "pool_version": version,
             "source": str(pool_source.resolved_pool_path()),
             "seconds": round(time.perf_counter() - t0, 3),
@@ -51,15 +39,15 @@ def pool_examples(context: dg.AssetExecutionContext, pool_source: PoolSource, li
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"polars", "parquet"})
-def proxy_eval_set(context: dg.AssetExecutionContext, pool_source: PoolSource, lineage: LineageStore) -> dg.MaterializeResult:
+@dg.asset(group_name=PREPARE, kinds={"polars", "parquet"})
+def proxy_eval_set(
+    context: dg.AssetExecutionContext, pool_source: PoolSourceResource, lineage: LineageResource
+) -> dg.MaterializeResult:
     """The proxy eval set whose per-domain accuracy defines a leaf's utility; also TSDS's query examples."""
     ev = pool_source.load_eval_set()
     digest = eval_set_hash(ev)
-    out = artifacts_dir(lineage)
-    write_parquet_atomic(ev, out / EVAL_FILE)
+    store.write_eval(lineage, ev, digest)
     per_domain = ev.group_by("domain").len().sort("domain")
-    write_json_atomic(out / EVAL_META, {"eval_hash": digest, "n_examples": ev.height})
     return dg.MaterializeResult(
         metadata={
             "examples": ev.height,
@@ -69,13 +57,3 @@ def proxy_eval_set(context: dg.AssetExecutionContext, pool_source: PoolSource, l
         },
         data_version=dg.DataVersion(digest),
     )
-
-
-def load_pool_artifact(lineage: LineageStore) -> tuple[pl.DataFrame, str]:
-    out = artifacts_dir(lineage)
-    return read_parquet(out / POOL_FILE, "pool_examples"), read_json(out / POOL_META, "pool_examples")["pool_version"]
-
-
-def load_eval_artifact(lineage: LineageStore) -> tuple[pl.DataFrame, str]:
-    out = artifacts_dir(lineage)
-    return read_parquet(out / EVAL_FILE, "proxy_eval_set"), read_json(out / EVAL_META, "proxy_eval_set")["eval_hash"]

@@ -21,67 +21,76 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from harp_assets import stages
-from harp_assets.base_scores import load_base
-from harp_assets.benchmark.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
-from harp_assets.leaf_utilities import aligned_correctness, leaf_versions, read_measurements
-from harp_assets.leaves import load_leaf_table
-from harp_assets.method.envelopes import active_domains
-from harp_assets.posteriors import load_posteriors
-from harp_assets.selections import _record, newest_selection
-from harp_assets.settings import HarpSettings, ValidationSettings, sha16
-from harp_assets.sources import load_pool_artifact
-from harp_resources.data_contracts import load_eval_set
-from harp_resources.evaluator import Evaluator
-from harp_resources.finetuner import LoraFinetuner
-from harp_resources.lineage_store import LineageStore
+from harp import driver, stages, store
+from harp.config import HarpSettings
+from harp.contracts import load_eval_set
+from harp.lineage import LineageStore
+from harp.method import active_domains
+from harp.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
+from harp.versions import sha16
+from harp_assets.base_scores import base_model_scores
+from harp_assets.groups import VALIDATION
+from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.leaf_utilities import leaf_utilities
+from harp_assets.posteriors import phi_posteriors
+from harp_assets.selections import SELECTION_ASSETS, newest_selection, record_selection
+from harp_assets.sources import pool_examples
+from harp_resources import (
+    EvaluatorResource,
+    FinetunerResource,
+    LineageResource,
+    SettingsResource,
+    ValidationResource,
+)
 
-VALIDATION_GROUP = "validation"
 VALIDATED_METHODS = ("harp_c", "harp_e", "tsds", "random", "exhaustive")
 
 
 def all_leaf_measurements(
-    lineage: LineageStore, finetuner: LoraFinetuner, settings: HarpSettings
+    lineage: LineageStore, finetuner: object, evaluator: object, settings: HarpSettings
 ) -> tuple[dict[int, np.ndarray], list[str]]:
     """Correctness of every current leaf, keyed by leaf index, aligned with the base evaluation; and the ids
     of the leaves not measured or stale (which the exhaustive mode needs measured first)."""
-    table = load_leaf_table(lineage)
-    base, _ = load_base(lineage)
-    fresh, _ = read_measurements(lineage, leaf_versions(lineage, finetuner, settings))
+    table = store.load_leaf_table(lineage)
+    base, _ = store.load_base(lineage)
+    fresh, _ = store.read_measurements(lineage, store.leaf_versions(lineage, finetuner, evaluator, settings.seed))
     missing = sorted(set(table.leaf_ids.tolist()) - set(fresh))
-    return aligned_correctness(fresh, table, base), missing
+    return store.aligned_correctness(fresh, table, base), missing
 
 
-@dg.asset(group_name=VALIDATION_GROUP, kinds={"numpy"},
-          deps=["leaf_utilities", "leaf_hierarchy", "base_model_scores", "phi_posteriors"])
+@dg.asset(group_name=VALIDATION, kinds={"numpy"},
+          deps=[leaf_utilities, leaf_hierarchy, base_model_scores, phi_posteriors])
 def exhaustive_selection(
-    context: dg.AssetExecutionContext, settings: HarpSettings, finetuner: LoraFinetuner, lineage: LineageStore
+    context: dg.AssetExecutionContext,
+    settings: SettingsResource,
+    finetuner: FinetunerResource,
+    evaluator: EvaluatorResource,
+    lineage: LineageResource,
 ) -> dg.MaterializeResult:
     """The oracle: every leaf measured, the primary envelope selecting on those effects at the same budget."""
     t0 = time.perf_counter()
-    table = load_leaf_table(lineage)
-    measurements, missing = all_leaf_measurements(lineage, finetuner, settings)
+    table = store.load_leaf_table(lineage)
+    measurements, missing = all_leaf_measurements(lineage, finetuner, evaluator, settings)
     if missing:
         raise ValueError(
             f"the exhaustive mode needs every leaf measured; {len(missing)} of {table.n_leaves} are not (or are "
             f"stale), e.g. {missing[:5]}: run `make validate`, or materialise every leaf_utilities partition"
         )
-    base, meta = load_base(lineage)
+    base, meta = store.load_base(lineage)
     domains = list(meta["domains"])
-    effects = stages.main_effects(measurements, base, domains, n_boot=settings.n_boot, seed=settings.seed)
-    idx = np.array(sorted(measurements), dtype=np.int64)
-    post = stages.infer_posteriors(table, effects, idx)
+    fit = driver.fit_posteriors(table, measurements, base, domains, n_boot=settings.n_boot, seed=settings.seed)
+    effects, post = fit.effects, fit.posteriors
     b = stages.base_scores(base, domains)
     sel = stages.select_harp(post, b, table, envelope=settings.primary_envelope,
                              top_k_points=settings.top_k_points, z_active=settings.z_active)
     ids = table.example_ids[sel.example_rows.tolist()].tolist()
     active = np.asarray(sel.active, dtype=bool)
     pred = np.asarray(sel.predicted_rows, dtype=np.float64)
-    md = _record(context, lineage, "exhaustive", ids, settings.top_k_points,
+    md = record_selection(context, lineage, "exhaustive", ids, settings.top_k_points,
                  np.asarray(sel.row_gain, dtype=np.float64).tolist(),
                  float(pred[active].mean()) if active.any() else None)
     # How well HARP's posteriors (from its own leaves only) rank the effects the oracle measured.
-    harp_post, pmeta = load_posteriors(lineage)
+    harp_post, pmeta = store.load_posteriors(lineage)
     phi_all = effects.phi_hat  # rows follow idx = every leaf, in index order
     inferred = ~harp_post.measured
     act = active_domains(harp_post.mean, harp_post.sd, z=settings.z_active) | active
@@ -125,20 +134,18 @@ def _bar_plot(rows: list[dict], base: float) -> str | None:
     return f"![validated accuracy](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
-@dg.asset(group_name=VALIDATION_GROUP, kinds={"pytorch", "duckdb"}, pool="gpu",
-          deps=["harp_c_selection", "harp_e_selection", "tsds_selection", "random_selection",
-                "exhaustive_selection", "pool_examples"])
+@dg.asset(group_name=VALIDATION, kinds={"pytorch", "duckdb"}, pool="gpu",
+          deps=[*SELECTION_ASSETS.values(), exhaustive_selection, pool_examples])
 def selection_validation(
     context: dg.AssetExecutionContext,
-    settings: HarpSettings,
-    validation: ValidationSettings,
-    validation_finetuner: LoraFinetuner,
-    evaluator: Evaluator,
-    lineage: LineageStore,
+    validation: ValidationResource,
+    validation_finetuner: FinetunerResource,
+    evaluator: EvaluatorResource,
+    lineage: LineageResource,
 ) -> dg.MaterializeResult:
     """Each newest selection and the full pool, finetuned with one recipe and scored on the held-out split."""
     t0 = time.perf_counter()
-    pool, version = load_pool_artifact(lineage)
+    pool, version = store.load_pool_artifact(lineage)
     test = load_eval_set(validation.test_path)
     truth = load_ground_truth(validation.ground_truth_path) if validation.ground_truth_path else None
     by_id = {e: k for k, e in enumerate(pool["example_id"].to_list())}
@@ -213,5 +220,5 @@ def selection_validation(
 
 def exhaustive_leaf_ids(lineage: LineageStore) -> list[str]:
     """Every current leaf: what the exhaustive mode measures (HARP's own leaves are among them, cached)."""
-    return load_leaf_table(lineage).leaf_ids.tolist()
+    return store.load_leaf_table(lineage).leaf_ids.tolist()
 

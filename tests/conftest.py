@@ -44,7 +44,7 @@ def torch_one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~120k-parameter GPT-2 style model with its tokenizer, trained once per session (a few seconds)."""
-    from harp_assets.demo.base_model import train_small_causal_lm
+    from harp_demo.base_model import train_small_causal_lm
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,14 +88,14 @@ def tiny_pipeline_setup(
     step, and the pipeline's resources on one CPU thread. DAGSTER_HOME must already point at a temporary folder."""
     import polars as pl
 
-    from harp_assets.demo.build import build_demo
-    from harp_assets.settings import HarpSettings
-    from harp_resources.device import DeviceResource
-    from harp_resources.embedder import EmbedderResource
-    from harp_resources.evaluator import Evaluator
-    from harp_resources.finetuner import LoraFinetuner
-    from harp_resources.lineage_store import LineageStore
-    from harp_resources.pool_source import PoolSource
+    from harp.config import HarpSettings
+    from harp.lineage import LineageStore
+    from harp.models.device import DeviceResource
+    from harp.models.embedder import EmbedderResource
+    from harp.models.evaluator import Evaluator
+    from harp.models.finetuner import LoraFinetuner
+    from harp.sources import PoolSource
+    from harp_demo.build import build_demo
 
     demo = build_demo(root / "demo", pool_size=pool + growth, seed=0, model=base)
     full = pl.read_parquet(demo.pool)

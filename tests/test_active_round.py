@@ -9,9 +9,12 @@ import polars as pl
 import pytest
 from conftest import tiny_dagster_env, tiny_pipeline_setup
 
+from harp.config import HarpSettings
+from harp.method.active import active_round_scores, choose_active_leaves
+from harp.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
 from harp_assets import leaf_utilities as lu
 from harp_assets.active_round import harp_leaves, planned_leaves, read_plan
-from harp_assets.benchmark.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
+from harp_assets.automation import BATCH_TAG, CHAIN_TAG, RANGE_END, RANGE_START, chain_sensors
 from harp_assets.definitions import (
     ALL_ASSETS,
     harp_prepare_job,
@@ -19,12 +22,9 @@ from harp_assets.definitions import (
     leaf_utilities_job,
     run_harp,
 )
-from harp_assets.demo.build import BaseModelConfig
-from harp_assets.leaves import load_leaf_table
-from harp_assets.method.active import active_round_scores, choose_active_leaves
+from harp_assets.hierarchy import load_leaf_table
 from harp_assets.posteriors import load_posteriors
-from harp_assets.sensors import BATCH_TAG, CHAIN_TAG, RANGE_END, RANGE_START, chain_sensors
-from harp_assets.settings import HarpSettings
+from harp_demo.build import BaseModelConfig
 
 # --------------------------------------------------------------------------------------------------------
 # The rule: score[g] = sum over active d of sd[g, d] * max(mean[g, d] + z * sd[g, d], 0)

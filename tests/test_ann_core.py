@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from harp_assets.method.ann import (
+from harp.method.ann import (
     build_index,
     default_nlist,
     faiss_gpu_available,

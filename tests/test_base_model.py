@@ -8,7 +8,7 @@ from conftest import TINY_CONFIG, tiny_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harp_assets.demo import base_model as bm
+from harp_demo import base_model as bm
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harp_assets.benchmark import report
-from harp_assets.benchmark.report import summarise, validate_records, write_report
+from benchmarks.quality import report
+from benchmarks.quality.report import summarise, validate_records, write_report
 
 POOL = 20
 BASE = {0: 0.40, 1: 0.50}

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from harp_assets.benchmark import run as bench_run
-from harp_assets.benchmark.run import BenchConfig, main, run_benchmark
-from harp_assets.demo.build import BaseModelConfig
-from harp_assets.settings import HarpSettings
-from harp_resources.embedder import EmbedderResource
+from benchmarks.quality import run as bench_run
+from benchmarks.quality.run import BenchConfig, main, run_benchmark
+from harp.config import HarpSettings
+from harp.models.embedder import EmbedderResource
+from harp_demo.build import BaseModelConfig
 
 pytestmark = pytest.mark.slow
 

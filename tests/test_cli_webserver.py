@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 import requests
 
-from harp_assets.demo.build import build_demo
+from harp_demo.build import build_demo
 
 pytestmark = pytest.mark.slow
 
@@ -146,11 +146,11 @@ def test_webserver_lists_assets_and_launches_a_materialisation(user_env, webserv
 
 def test_demo_run_fails_with_a_clear_message(user_env, tmp_path):
     env = {**user_env["env"], "HARP_DEMO_DIR": str(tmp_path / "no_demo_here")}
-    proc = subprocess.run([sys.executable, "-m", "harp_assets.demo_run", "--no-build"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "harp_demo.run", "--no-build"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: the HARP pipeline failed" in proc.stderr and "no_demo_here" in proc.stderr, proc.stderr[-2000:]
     env.pop("DAGSTER_HOME")
-    proc = subprocess.run([sys.executable, "-m", "harp_assets.demo_run", "--no-build"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "harp_demo.run", "--no-build"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "DAGSTER_HOME is not set" in proc.stderr, proc.stderr[-2000:]

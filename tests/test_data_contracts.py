@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from harp_resources.data_contracts import (
+from harp.contracts import (
     DataContractError,
     load_eval_set,
     load_pool,

@@ -12,10 +12,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from harp_assets.demo import build as demo_build
-from harp_assets.demo.build import BaseModelConfig, DemoPaths, build_demo
-from harp_assets.demo.generator import DOMAINS, KINDS, DemoDataConfig, generate, kind_counts
-from harp_resources.data_contracts import load_eval_set, load_pool
+from harp.contracts import load_eval_set, load_pool
+from harp_demo import build as demo_build
+from harp_demo.build import BaseModelConfig, DemoPaths, build_demo
+from harp_demo.generator import DOMAINS, KINDS, DemoDataConfig, generate, kind_counts
 
 POOL = 600
 DATA_FILES = ("pool", "eval_set", "test_set", "ground_truth", "facts", "pretrain_text")

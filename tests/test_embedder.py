@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from harp_resources.device import DeviceResource
-from harp_resources.embedder import EmbedderResource, EmbedProgress, default_model_path
+from harp.models.device import DeviceResource
+from harp.models.embedder import EmbedderResource, EmbedProgress, default_model_path
 
 TEXTS = [
     "The cat sat on the mat.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harp_assets.method.envelopes import (
+from harp.method.envelopes import (
     ENVELOPES,
     active_domains,
     envelope_objective,

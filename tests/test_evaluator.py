@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harp_resources.evaluator import Evaluator, encode_continuation, encode_prompt, parse_eval_set
-from harp_resources.vllm_backend import INSTALL_HINT, vllm_available
+from harp.models.evaluator import Evaluator, encode_continuation, encode_prompt, parse_eval_set
+from harp.models.vllm_backend import INSTALL_HINT, vllm_available
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -179,7 +179,7 @@ def test_importing_the_resources_does_not_import_vllm(tmp_path):
     (fake / "__init__.py").write_text("raise RuntimeError('vllm was imported')\n")
     code = textwrap.dedent(
         """
-        import harp_resources.evaluator, harp_resources.finetuner, harp_resources.vllm_backend as vb
+        import harp.models.evaluator, harp.models.finetuner, harp.models.vllm_backend as vb
         assert vb.vllm_available()  # found on the path, yet never imported
         print("ok")
         """
@@ -194,7 +194,7 @@ def test_eval_set_loaded_through_the_data_contract(lm, tmp_path):
     """`load_eval_set` returns answers split by kind; the evaluator reads that form as it is."""
     import json
 
-    from harp_resources.data_contracts import load_eval_set
+    from harp.contracts import load_eval_set
 
     model, tok = lm
     rows = [dict(r) for r in MC_ROWS[:3]] + [{"example_id": "g", "domain": "gen", "prompt": "red", "answer": "zzz"}]

@@ -9,10 +9,10 @@ import torch
 from conftest import TINY_WORDS
 from transformers import AutoModelForCausalLM
 
+from harp.models.device import DeviceResource
+from harp.models.evaluator import Evaluator
+from harp.models.finetuner import LoraFinetuner, default_target_modules, train_and_evaluate
 from harp_resources import finetuner as ftmod
-from harp_resources.device import DeviceResource
-from harp_resources.evaluator import Evaluator
-from harp_resources.finetuner import LoraFinetuner, default_target_modules, train_and_evaluate
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

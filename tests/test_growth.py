@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from harp_assets.method.growth import GrowthResult, LeafTable, grow_leaf_table, leaf_table_from_hierarchy
-from harp_assets.method.hierarchy import Hierarchy, build_parent_leaf_hierarchy
+from harp.method.growth import GrowthResult, LeafTable, grow_leaf_table, leaf_table_from_hierarchy
+from harp.method.hierarchy import Hierarchy, build_parent_leaf_hierarchy
 
 DIM = 16
 N = 600
@@ -385,7 +385,7 @@ def test_hash_independent_of_member_order_and_pool_order(base):
     li = t.leaf_index_of_row.copy()
     row = int(t.members(4)[-1])
     li[row] = 5
-    from harp_assets.method.hierarchy import member_order_for
+    from harp.method.hierarchy import member_order_for
 
     mo, off = member_order_for(li, unit(X).astype(np.float32), t.leaf_centroids)
     moved = dataclasses.replace(t, leaf_index_of_row=li, member_order=mo, leaf_offsets=off)

@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 from test_stages import HIERARCHY, LORA, make_eval_set, make_pool
 
-from harp_assets.harp import HarpResult, harp
+from harp.entry import HarpResult, harp
+from harp.models.device import DeviceResource
 from harp_resources import finetuner as ftmod
-from harp_resources.device import DeviceResource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -126,7 +126,7 @@ def test_harp_budget_zero_and_matching_tokenizer(tiny_model_dir):
 
 
 def test_harp_rejects_a_different_tokenizer(tiny_model_dir):
-    from harp_assets.demo.base_model import train_tokenizer
+    from harp_demo.base_model import train_tokenizer
 
     other = train_tokenizer(["one two three four five six"] * 20, vocab_size=270)
     with pytest.raises(ValueError, match="does not match the tokenizer of base model"):

@@ -8,8 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from harp_assets.method import hierarchy
-from harp_assets.method.hierarchy import (
+from harp.method import hierarchy
+from harp.method.hierarchy import (
     Hierarchy,
     _choose_representatives,
     assign_to_nearest_leaf,

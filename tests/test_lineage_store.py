@@ -13,7 +13,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from harp_resources.lineage_store import (
+from harp.lineage import (
     EXAMPLE_QUERIES,
     SCHEMAS,
     LineageError,

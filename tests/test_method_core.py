@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from harp_assets.method import (
+from harp.method import (
     bootstrap_main_effects,
     build_parent_leaf_hierarchy,
     fit_posteriors,
@@ -17,7 +17,7 @@ from harp_assets.method import (
 
 def test_core_imports_neither_dagster_nor_torch():
     code = (
-        "import sys, harp_assets.method\n"
+        "import sys, harp.method\n"
         "bad = [m for m in ('dagster', 'torch', 'transformers', 'polars') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

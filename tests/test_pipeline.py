@@ -8,6 +8,7 @@ import dagster as dg
 import pytest
 from conftest import tiny_dagster_env, tiny_pipeline_setup
 
+from harp.lineage import LineageStore
 from harp_assets import leaf_utilities as lu
 from harp_assets.definitions import (
     ALL_ASSETS,
@@ -18,8 +19,7 @@ from harp_assets.definitions import (
     partition_ranges,
     run_harp,
 )
-from harp_assets.demo.build import BaseModelConfig
-from harp_resources.lineage_store import LineageStore
+from harp_demo.build import BaseModelConfig
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from harp_assets.method.posteriors import (
+from harp.method.posteriors import (
     MainEffects,
     Posteriors,
     _sweep,

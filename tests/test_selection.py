@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harp_assets.method.envelopes import ENVELOPES, envelope_objective, greedy_taskaware
-from harp_assets.method.selection import (
+from harp.method.envelopes import ENVELOPES, envelope_objective, greedy_taskaware
+from harp.method.selection import (
     cap_to_budget,
     harp_select,
     leaf_of_rows,

@@ -11,12 +11,12 @@ import dagster as dg
 import polars as pl
 import pytest
 from conftest import tiny_dagster_env, tiny_pipeline_setup
-
-from harp_assets import leaf_utilities as lu
 from harp_assets.checks import CHECKS
-from harp_assets.definitions import ALL_ASSETS, defs, harp_prepare_job, harp_select_job, leaf_utilities_job
-from harp_assets.demo.build import BaseModelConfig
-from harp_assets.sensors import (
+
+from harp.lineage import LineageStore
+from harp.sources import PoolSource
+from harp_assets import leaf_utilities as lu
+from harp_assets.automation import (
     BATCH_TAG,
     CHAIN_TAG,
     RANGE_END,
@@ -26,8 +26,8 @@ from harp_assets.sensors import (
     pool_growth_sensor,
     reselect_cron,
 )
-from harp_resources.lineage_store import LineageStore
-from harp_resources.pool_source import PoolSource
+from harp_assets.definitions import ALL_ASSETS, defs, harp_prepare_job, harp_select_job, leaf_utilities_job
+from harp_demo.build import BaseModelConfig
 
 pytestmark = pytest.mark.slow
 

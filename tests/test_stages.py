@@ -10,12 +10,12 @@ import polars as pl
 import pytest
 from conftest import TINY_WORDS
 
-from harp_assets import stages
-from harp_assets.method import Posteriors
+from harp import stages
+from harp.method import Posteriors
+from harp.models.device import DeviceResource
+from harp.models.evaluator import Evaluator
+from harp.models.finetuner import LoraFinetuner
 from harp_resources import finetuner as ftmod
-from harp_resources.device import DeviceResource
-from harp_resources.evaluator import Evaluator
-from harp_resources.finetuner import LoraFinetuner
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harp_assets.method.tsds import tsds_probabilities, tsds_run, tsds_select
+from harp.method.tsds import tsds_probabilities, tsds_run, tsds_select
 
 # The public TSDS toy input (1000 candidates, 10 queries, 16-d float64), kept with the tests.
 TOY = Path(__file__).parent / "data" / "tsds_toy"

@@ -8,8 +8,12 @@ import polars as pl
 import pytest
 from conftest import tiny_dagster_env, tiny_pipeline_setup
 
+from harp.config import HarpSettings, ValidationSettings
+from harp.lineage import LineageStore
+from harp.metrics import kind_shares, load_ground_truth
+from harp.models.device import DeviceResource
+from harp.models.finetuner import LoraFinetuner
 from harp_assets import leaf_utilities as lu
-from harp_assets.benchmark.metrics import kind_shares, load_ground_truth
 from harp_assets.definitions import (
     ALL_ASSETS,
     VALIDATION_ASSETS,
@@ -20,13 +24,9 @@ from harp_assets.definitions import (
     run_harp,
     run_validation,
 )
-from harp_assets.demo.build import BaseModelConfig
+from harp_assets.hierarchy import load_leaf_table
 from harp_assets.leaf_utilities import leaf_versions, stored_version
-from harp_assets.leaves import load_leaf_table
-from harp_assets.settings import HarpSettings, ValidationSettings
-from harp_resources.device import DeviceResource
-from harp_resources.finetuner import LoraFinetuner
-from harp_resources.lineage_store import LineageStore
+from harp_demo.build import BaseModelConfig
 
 pytestmark = pytest.mark.slow
 

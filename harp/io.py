@@ -1,0 +1,137 @@
+"""File-system helpers every layer shares: atomic writes, one cross-process lock, artifact reads.
+
+A reader sees the old file or the new one, never half of either: every write goes to a hidden temporary
+file in the target's folder (same file system), is flushed to disk, then `os.replace`d over the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import polars as pl
+
+TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's owner-only 0o600
+        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (the directory entry, not only the file's bytes)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+
+
+def write_parquet(df: pl.DataFrame, path: str | os.PathLike) -> None:
+    with atomic_write(path) as fh:
+        df.write_parquet(fh)
+
+
+def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    with atomic_write(path) as fh:
+        np.savez(fh, **arrays)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON artifact an upstream step wrote; a missing one names the step (`what`) to run first."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: materialise the {what} asset first") from None
+
+
+def read_parquet(path: Path, what: str) -> pl.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: materialise the {what} asset first")
+    with open(path, "rb") as fh:  # one handle, so a concurrent os.replace cannot mix two versions
+        return pl.read_parquet(fh)
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished directory into place; an existing `dest` is swapped out first, then removed.
+
+    A directory cannot be replaced by `os.replace` when the target exists and is not empty, so the old one is
+    renamed aside first; the gap between the two renames is the only moment `dest` is missing.
+    """
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(
+    path: str | os.PathLike, *, timeout_s: float | None = None, holder: str = "another process holds it"
+) -> Iterator[None]:
+    """An exclusive advisory lock (`flock`) on `path`, held across processes until the block ends.
+
+    `timeout_s=None` waits as long as it takes; otherwise a `TimeoutError` names the lock file and what the
+    other holder is doing (`holder`).
+    """
+    lock = Path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        if timeout_s is None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"could not lock {lock} within {timeout_s} s: {holder}") from None
+                    time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,637 @@
+"""HARP's pipeline stages as plain typed functions, shared by the Dagster assets and the `harp()` entry point.
+
+Each stage does one step and returns a small result (numpy arrays, polars frames, plain dicts) that is easy
+to persist, so the asset graph and the one-call entry point run the same code. Nothing here imports Dagster:
+resources are taken as plain objects (a `LoraFinetuner`, an `Evaluator`).
+
+Domain indexing: a domain's index is its position in the sorted list of the eval set's distinct domain
+names (`eval_domains`). Sorting makes the mapping independent of eval-row order, so every stage (and every
+persisted array with a domain axis) agrees on it.
+
+Leaf measurements use the same training seed for every leaf: the adapter starts from the same weights and
+sees batches in the same seeded order, so differences between leaves come from their data, not from noise
+in the initialisation (common random numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from harp.method import (
+    HarpSelection,
+    Hierarchy,
+    MainEffects,
+    Posteriors,
+    TsdsSelection,
+    bootstrap_main_effects,
+    build_parent_leaf_hierarchy,
+    fit_posteriors,
+    harp_select,
+    random_selection,
+    tsds_select,
+)
+from harp.models.evaluator import EvalResult, Evaluator, parse_eval_set
+from harp.models.finetuner import LoraFinetuner, train_and_evaluate
+
+__all__ = [
+    "HIERARCHY_KEYS",
+    "LeafMeasurement",
+    "LogTarget",
+    "RandomSelection",
+    "base_scores",
+    "build_hierarchy",
+    "check_tokenizer",
+    "domain_index",
+    "emit",
+    "eval_domains",
+    "infer_posteriors",
+    "leaf_examples",
+    "main_effects",
+    "measure_leaf",
+    "measure_leaves",
+    "score_base",
+    "select_harp",
+    "select_random",
+    "select_tsds",
+    "validate_examples",
+]
+
+logger = logging.getLogger("harp.stages")
+
+LogTarget = Callable[[str], None] | logging.Logger | logging.LoggerAdapter | None
+
+# Keyword arguments of build_parent_leaf_hierarchy that a hierarchy config may set (the seed comes apart).
+HIERARCHY_KEYS: tuple[str, ...] = (
+    "leaf_size",
+    "leaves_per_parent",
+    "parents_per_region",
+    "n_representatives",
+    "min_leaf_size",
+    "niter",
+    "use_gpu",
+)
+# The leaf loop reports at most this often (seconds), besides its first and last leaf.
+_LOG_EVERY_S = 30.0
+
+
+def emit(log: Any, message: str) -> None:
+    """Progress to a logger (anything with `.info`, e.g. Dagster's `context.log`) or to a callable."""
+    if log is None:
+        logger.info(message)
+    elif hasattr(log, "info"):
+        log.info(message)
+    elif callable(log):
+        log(message)
+    else:
+        raise TypeError(
+            f"log must be a logging.Logger, a callable taking a string, or None; got {type(log).__name__}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Domains
+# --------------------------------------------------------------------------------------------------------
+
+
+def eval_domains(source: Any) -> list[str]:
+    """The ordered domain list: sorted distinct domain names of an eval set, `EvalResult` or name list."""
+    if isinstance(source, EvalResult):
+        names = source.domains
+    elif (
+        isinstance(source, Sequence)
+        and not isinstance(source, str)
+        and all(isinstance(d, str) for d in source)
+    ):
+        names = list(source)
+    else:
+        names = [item.domain for item in parse_eval_set(source)]
+    if not names:
+        raise ValueError("no domains: the eval set is empty")
+    return sorted(set(names))
+
+
+def _check_domains(domains: Sequence[str]) -> list[str]:
+    if isinstance(domains, str) or not isinstance(domains, Sequence):
+        raise TypeError(f"domains must be a sequence of domain names, got {type(domains).__name__}")
+    out = list(domains)
+    if not out:
+        raise ValueError("domains is empty: need at least one domain")
+    bad = [d for d in out if not isinstance(d, str) or not d]
+    if bad:
+        raise ValueError(f"domains must be non-empty strings, got {bad[:5]!r}")
+    dups = sorted(d for d, c in Counter(out).items() if c > 1)
+    if dups:
+        raise ValueError(f"domains repeats {dups[:5]!r}: each domain must appear once")
+    return out
+
+
+def domain_index(
+    row_domains: Sequence[str], domains: Sequence[str], *, example_ids: Sequence[str] | None = None
+) -> np.ndarray:
+    """Index into `domains` of each eval row's domain (int64); an unknown domain names its row."""
+    domains = _check_domains(domains)
+    pos = {d: i for i, d in enumerate(domains)}
+    out = np.empty(len(row_domains), dtype=np.int64)
+    for i, d in enumerate(row_domains):
+        j = pos.get(d)
+        if j is None:
+            who = f" (example_id={example_ids[i]!r})" if example_ids is not None else ""
+            raise ValueError(
+                f"eval row {i}{who} has domain {d!r}, which is not in the domain list {domains!r}"
+            )
+        out[i] = j
+    return out
+
+
+def base_scores(base: EvalResult, domains: Sequence[str]) -> np.ndarray:
+    """`b_d` in `domains` order, from the base model's evaluation."""
+    domains = _check_domains(domains)
+    missing = [d for d in domains if d not in base.per_domain]
+    if missing:
+        raise ValueError(
+            f"the base evaluation has no score for domain(s) {missing!r}; "
+            f"it covers {sorted(base.per_domain)!r}"
+        )
+    return np.array([base.per_domain[d] for d in domains], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 1a: hierarchy
+# --------------------------------------------------------------------------------------------------------
+
+
+def build_hierarchy(X_feat: Any, *, seed: int = 0, config: Mapping[str, Any] | None = None) -> Hierarchy:
+    """Large -> parent -> leaf hierarchy over the pool embeddings; `config` holds the sizing keywords."""
+    cfg = dict(config or {})
+    unknown = sorted(set(cfg) - set(HIERARCHY_KEYS))
+    if unknown:
+        hint = " (the seed is its own argument)" if "seed" in unknown else ""
+        raise ValueError(
+            f"unknown hierarchy setting(s) {unknown}{hint}; valid settings are {list(HIERARCHY_KEYS)}"
+        )
+    return build_parent_leaf_hierarchy(X_feat, seed=seed, **cfg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Base model score and leaf measurements
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(finetuner: LoraFinetuner, evaluator: Evaluator) -> None:
+    if finetuner.separator != evaluator.separator:
+        raise ValueError(
+            f"finetuner.separator={finetuner.separator!r} differs from evaluator.separator="
+            f"{evaluator.separator!r}: training and scoring would see different prompts"
+        )
+
+
+def check_tokenizer(finetuner: LoraFinetuner, tokenizer: Any) -> None:
+    """Fail when a caller's tokenizer would encode differently from the base model's own tokenizer.
+
+    Training and scoring always use the tokenizer saved with the base model; a different one handed in
+    alongside it signals a mismatch between the caller's features and the model, caught here early.
+    """
+    if tokenizer is None:
+        return
+    if not hasattr(tokenizer, "get_vocab"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    own = finetuner.tokenizer
+    if tokenizer.get_vocab() != own.get_vocab():
+        raise ValueError(
+            f"the given tokenizer ({len(tokenizer.get_vocab())} tokens) does not match the tokenizer of "
+            f"base model {finetuner.base_model!r} ({len(own.get_vocab())} tokens); pass the model's own "
+            "tokenizer or none"
+        )
+
+
+def score_base(finetuner: LoraFinetuner, evaluator: Evaluator, eval_set: Any) -> EvalResult:
+    """The null scores `b_d`: the base model with every adapter disabled, on the proxy set.
+
+    It goes through the finetuner so the base loaded here is the one the leaf loop then reuses.
+    """
+    _check_pair(finetuner, evaluator)
+    evaluator.check_backend()
+    with finetuner.base_for_eval() as (model, tok):
+        if evaluator.backend == "vllm":
+            return evaluator.evaluate(
+                model, tok, eval_set, base_model_path=finetuner.base_model, adapter_path=None
+            )
+        return evaluator.evaluate(model, tok, eval_set)
+
+
+@dataclass(frozen=True, eq=False)
+class LeafMeasurement:
+    """One train-and-evaluate cycle: correctness aligned with the eval set's row order, and its cost."""
+
+    example_ids: tuple[str, ...]  # eval example ids, eval-set order
+    domains: tuple[str, ...]  # domain of each eval row
+    correct: np.ndarray  # (n_eval,) float32 in {0, 1}
+    per_domain: dict[str, float]  # mean correctness per domain name (U_d of the leaf)
+    n_train: int
+    train_steps: int
+    train_tokens: int
+    first_loss: float
+    last_loss: float
+    train_seconds: float
+    eval_seconds: float
+    seconds: float  # the whole cycle, wall clock
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.correct.shape != (len(self.example_ids),) or len(self.domains) != len(self.example_ids):
+            raise ValueError(
+                f"LeafMeasurement: {len(self.example_ids)} example ids, {len(self.domains)} domains and "
+                f"correct of shape {self.correct.shape} must align"
+            )
+        self.correct.flags.writeable = False
+
+    def summary(self) -> dict[str, Any]:
+        """Scalars for metadata (and, with `to_frame`, all that `from_frame` needs)."""
+        return {
+            "n_train": self.n_train,
+            "train_steps": self.train_steps,
+            "train_tokens": self.train_tokens,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+            "seconds": self.seconds,
+            "seed": self.seed,
+            "per_domain": dict(self.per_domain),
+        }
+
+    def to_frame(self) -> pl.DataFrame:
+        """Per-example correctness, one row per eval example in eval-set order."""
+        return pl.DataFrame(
+            {
+                "example_id": list(self.example_ids),
+                "domain": list(self.domains),
+                "correct": self.correct.astype(np.float32),
+            },
+            schema={"example_id": pl.String, "domain": pl.String, "correct": pl.Float32},
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, summary: Mapping[str, Any]) -> LeafMeasurement:
+        """Rebuild a measurement from `to_frame()` and `summary()` (e.g. after persisting them)."""
+        missing = [c for c in ("example_id", "domain", "correct") if c not in frame.columns]
+        if missing:
+            raise ValueError(f"leaf measurement frame lacks column(s) {missing}; it has {frame.columns}")
+        need = (
+            "n_train",
+            "train_steps",
+            "train_tokens",
+            "first_loss",
+            "last_loss",
+            "train_seconds",
+            "eval_seconds",
+            "seconds",
+            "seed",
+        )
+        absent = [k for k in need if k not in summary]
+        if absent:
+            raise ValueError(f"leaf measurement summary lacks key(s) {absent}")
+        correct = frame["correct"].to_numpy().astype(np.float32)
+        domains = tuple(frame["domain"].to_list())
+        per_domain = summary.get("per_domain") or {
+            d: float(correct[np.asarray(domains) == d].mean()) for d in sorted(set(domains))
+        }
+        return cls(
+            example_ids=tuple(frame["example_id"].to_list()),
+            domains=domains,
+            correct=correct,
+            per_domain={str(k): float(v) for k, v in per_domain.items()},
+            n_train=int(summary["n_train"]),
+            train_steps=int(summary["train_steps"]),
+            train_tokens=int(summary["train_tokens"]),
+            first_loss=float(summary["first_loss"]),
+            last_loss=float(summary["last_loss"]),
+            train_seconds=float(summary["train_seconds"]),
+            eval_seconds=float(summary["eval_seconds"]),
+            seconds=float(summary["seconds"]),
+            seed=int(summary["seed"]),
+        )
+
+
+def measure_leaf(
+    finetuner: LoraFinetuner,
+    evaluator: Evaluator,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    eval_set: Any,
+    *,
+    seed: int,
+) -> LeafMeasurement:
+    """Train the adapter from its seeded start on one leaf's examples and score it on the proxy set."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if len(prompts) == 0:
+        raise ValueError("a leaf needs at least one training example")
+    t0 = time.perf_counter()
+    stats, result = train_and_evaluate(finetuner, evaluator, prompts, responses, eval_set, seed=seed)
+    return LeafMeasurement(
+        example_ids=tuple(result.example_ids),
+        domains=tuple(result.domains),
+        correct=np.asarray(result.correct, dtype=np.float32).copy(),
+        per_domain=dict(result.per_domain),
+        n_train=stats.examples,
+        train_steps=stats.steps,
+        train_tokens=stats.tokens,
+        first_loss=stats.first_loss,
+        last_loss=stats.last_loss,
+        train_seconds=stats.seconds,
+        eval_seconds=result.seconds,
+        seconds=time.perf_counter() - t0,
+        seed=int(seed),
+    )
+
+
+def validate_examples(
+    finetuner: LoraFinetuner,
+    evaluator: Evaluator,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    test_set: Any,
+    *,
+    seed: int,
+) -> LeafMeasurement:
+    """A selection's validated utility: train a fresh adapter on it and score the held-out test split.
+
+    The same cycle as a leaf measurement, with the validation recipe and the test split in place of the
+    proxy set. An empty selection (HARP may rightly pick nothing) is the base model itself, with no training.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if len(prompts):
+        return measure_leaf(finetuner, evaluator, prompts, responses, test_set, seed=seed)
+    t0 = time.perf_counter()
+    result = score_base(finetuner, evaluator, test_set)
+    return LeafMeasurement(
+        example_ids=tuple(result.example_ids),
+        domains=tuple(result.domains),
+        correct=np.asarray(result.correct, dtype=np.float32).copy(),
+        per_domain=dict(result.per_domain),
+        n_train=0,
+        train_steps=0,
+        train_tokens=0,
+        first_loss=float("nan"),
+        last_loss=float("nan"),
+        train_seconds=0.0,
+        eval_seconds=result.seconds,
+        seconds=time.perf_counter() - t0,
+        seed=int(seed),
+    )
+
+
+def leaf_examples(
+    hierarchy: Hierarchy, prompts: Sequence[str], responses: Sequence[str], leaf_id: int
+) -> tuple[list[str], list[str]]:
+    """A leaf's (prompts, responses) from the whole pool, nearest the leaf centroid first.
+
+    The one place that decides which rows, in which order, a leaf trains on, so that a leaf measured
+    alone (one Dagster partition) and in the loop below sees the same batches.
+    """
+    if len(prompts) != hierarchy.n_examples or len(responses) != hierarchy.n_examples:
+        raise ValueError(
+            f"the hierarchy covers {hierarchy.n_examples} pool rows but {len(prompts)} prompts and "
+            f"{len(responses)} responses were given"
+        )
+    rows = hierarchy.members(int(leaf_id)).tolist()
+    return [prompts[r] for r in rows], [responses[r] for r in rows]
+
+
+def embed_text(prompt: str, response: str) -> str:
+    """What a pool example is embedded as: the prompt and its response, so leaves group by both."""
+    return f"{prompt}\n{response}"
+
+
+def _fmt_s(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """Count, rate and time left of a loop with a known total, reported at most every `every_s` seconds.
+
+    `weight` lets the time left follow the work (training examples) rather than the item count.
+    """
+
+    def __init__(self, total: int, log: LogTarget = None, *, what: str = "leaf", plural: str = "leaves",
+                 total_weight: float | None = None, weight_unit: str | None = None,
+                 every_s: float = _LOG_EVERY_S) -> None:
+        self.total, self.log, self.what, self.plural, self.every_s = int(total), log, what, plural, every_s
+        self.weight_unit = weight_unit
+        self.total_weight = float(total if total_weight is None else total_weight)
+        self.count, self.weight = 0, 0.0
+        self.t0 = self._last = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def step(self, detail: str = "", weight: float = 1.0) -> None:
+        self.count += 1
+        self.weight += weight
+        now = time.perf_counter()
+        if self.count == 1 or self.count == self.total or now - self._last >= self.every_s:
+            elapsed = now - self.t0
+            rate = self.count / elapsed if elapsed > 0 else float("inf")
+            left = (self.total_weight - self.weight) * elapsed / self.weight if self.weight else float("nan")
+            per = f", {self.weight / max(elapsed, 1e-9):.1f} {self.weight_unit}/s" if self.weight_unit else ""
+            emit(self.log, f"{self.what} {self.count}/{self.total}" + (f" ({detail})" if detail else "")
+                 + f"; {rate:.2f} {self.plural}/s{per}, about {_fmt_s(left)} left")
+            self._last = now
+
+
+def measure_leaves(
+    finetuner: LoraFinetuner,
+    evaluator: Evaluator,
+    hierarchy: Hierarchy,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    eval_set: Any,
+    *,
+    leaf_ids: Any = None,
+    seed: int,
+    log: LogTarget = None,
+) -> dict[int, LeafMeasurement]:
+    """Measure each leaf in `leaf_ids` (default: the representatives), in ascending id order.
+
+    `prompts`/`responses` are the whole pool, indexed by the hierarchy's rows; a leaf trains on its
+    members nearest-the-centroid first. Reports counts, rates and the time left as it goes.
+    """
+    n_pool = hierarchy.n_examples
+    if len(prompts) != n_pool or len(responses) != n_pool:
+        raise ValueError(
+            f"the hierarchy covers {n_pool} pool rows but {len(prompts)} prompts and "
+            f"{len(responses)} responses were given"
+        )
+    ids = hierarchy.representatives if leaf_ids is None else np.atleast_1d(np.asarray(leaf_ids))
+    if ids.size and (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"leaf_ids must be a 1-D sequence of integer leaf ids, got {ids.dtype}{ids.shape}")
+    ids = np.unique(ids.astype(np.int64))
+    if ids.size and (ids[0] < 0 or ids[-1] >= hierarchy.n_leaves):
+        bad = ids[(ids < 0) | (ids >= hierarchy.n_leaves)]
+        raise ValueError(f"leaf id(s) {bad[:10].tolist()} outside [0, {hierarchy.n_leaves})")
+    total = int(ids.size)
+    total_rows = int(hierarchy.leaf_sizes[ids].sum()) if total else 0
+    emit(log, f"measuring {total} leaves ({total_rows} training examples) of {hierarchy.n_leaves}")
+    out: dict[int, LeafMeasurement] = {}
+    progress = Progress(total, log, total_weight=total_rows, weight_unit="examples")
+    for g in ids.tolist():
+        m = measure_leaf(
+            finetuner, evaluator, *leaf_examples(hierarchy, prompts, responses, g), eval_set, seed=seed
+        )
+        out[g] = m
+        progress.step(f"id {g}, {m.n_train} examples, loss {m.first_loss:.3f} -> {m.last_loss:.3f}, "
+                      f"{m.seconds:.2f} s", weight=m.n_train)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 1b: main effects and posteriors
+# --------------------------------------------------------------------------------------------------------
+
+
+def _aligned_correct(m: Any, key: Any, base_ids: Sequence[str], n: int) -> np.ndarray:
+    """A measurement's correctness in the base evaluation's row order."""
+    if isinstance(m, LeafMeasurement):
+        if list(m.example_ids) == list(base_ids):
+            return np.asarray(m.correct, dtype=np.float64)
+        pos = {eid: i for i, eid in enumerate(m.example_ids)}
+        missing = [eid for eid in base_ids if eid not in pos]
+        extra = sorted(set(m.example_ids) - set(base_ids))
+        if missing or extra or len(pos) != len(m.example_ids):
+            raise ValueError(
+                f"leaf {key}: its eval examples differ from the base evaluation's "
+                f"(missing {missing[:5]!r}, extra {extra[:5]!r}); both must be scored on the same eval set"
+            )
+        return np.asarray(m.correct, dtype=np.float64)[[pos[eid] for eid in base_ids]]
+    arr = np.asarray(m, dtype=np.float64)
+    if arr.shape != (n,):
+        raise ValueError(
+            f"leaf {key}: correctness has shape {arr.shape}, expected ({n},) aligned with the base evaluation"
+        )
+    return arr
+
+
+def main_effects(
+    measurements: Mapping[int, Any] | Any,
+    base: EvalResult,
+    domains: Sequence[str] | None = None,
+    *,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> MainEffects:
+    """`phi_hat = U_d(leaf) - b_d` with paired-bootstrap variances, domains in `domains` order.
+
+    `measurements`: a dict leaf id -> `LeafMeasurement` (realigned to the base evaluation's rows by
+    example id) or -> correctness array aligned with them; rows of the result follow ascending leaf id.
+    A 2-D (R, n_eval) array is taken as aligned, rows in the caller's order. `domains` defaults to
+    `eval_domains(base)`; every domain in it needs eval examples and every eval row's domain must be in it.
+    """
+    domains = eval_domains(base) if domains is None else _check_domains(domains)
+    base_ids = list(base.example_ids)
+    n = len(base_ids)
+    base_correct = np.asarray(base.correct, dtype=np.float64)
+    if base_correct.shape != (n,):
+        raise ValueError(f"the base evaluation has {n} example ids but correct of shape {base_correct.shape}")
+    dom = domain_index(base.domains, domains, example_ids=base_ids)
+    empty = [d for i, d in enumerate(domains) if not np.any(dom == i)]
+    if empty:
+        raise ValueError(f"domain(s) {empty!r} have no eval examples; drop them from the domain list")
+    if isinstance(measurements, Mapping):
+        if not measurements:
+            raise ValueError("no leaf measurements: measure at least one leaf")
+        keys = sorted(measurements)
+        leaf = np.stack([_aligned_correct(measurements[k], k, base_ids, n) for k in keys])
+    else:
+        leaf = np.asarray(measurements, dtype=np.float64)
+        if leaf.ndim != 2 or leaf.shape[1] != n:
+            raise ValueError(
+                f"measurements must be (n_leaves, {n}) aligned with the base evaluation, got {leaf.shape}"
+            )
+    return bootstrap_main_effects(leaf, base_correct, dom, n_domains=len(domains), n_boot=n_boot, seed=seed)
+
+
+def infer_posteriors(
+    hierarchy: Hierarchy, effects: MainEffects, measured_leaf_ids: Any, **fit_kw: Any
+) -> Posteriors:
+    """Empirical-Bayes posteriors for every leaf; row i of `effects` is leaf `measured_leaf_ids[i]`."""
+    phi, var, measured = effects.to_leaves(np.asarray(measured_leaf_ids), hierarchy.n_leaves)
+    return fit_posteriors(phi, var, measured, hierarchy.parent_of_leaf, hierarchy.region_of_parent, **fit_kw)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------------
+
+
+def select_harp(
+    post: Posteriors,
+    base_scores: Any,
+    hierarchy: Hierarchy,
+    *,
+    envelope: str,
+    top_k_points: int | None,
+    z_active: float = 1.0,
+) -> HarpSelection:
+    """One envelope's ranking, best-prefix cut and point cap over the hierarchy's leaves."""
+    b = np.asarray(base_scores, dtype=np.float64)
+    if post.mean.shape[0] != hierarchy.n_leaves:
+        raise ValueError(
+            f"posteriors cover {post.mean.shape[0]} leaves but the hierarchy has {hierarchy.n_leaves}"
+        )
+    if b.shape != (post.mean.shape[1],):
+        raise ValueError(f"base_scores has shape {b.shape}; the posteriors have {post.mean.shape[1]} domains")
+    return harp_select(
+        post.mean,
+        post.sd,
+        b,
+        hierarchy.member_order,
+        hierarchy.leaf_offsets,
+        envelope=envelope,
+        top_k_points=top_k_points,
+        z_active=z_active,
+    )
+
+
+def select_tsds(
+    X_pool: Any, X_queries: Any, budget: int, *, seed: int = 0, params: Mapping[str, Any] | None = None
+) -> TsdsSelection:
+    """The train-free TSDS baseline: `budget` pool rows drawn (with replacement) towards the queries."""
+    return tsds_select(X_pool, X_queries, budget, seed=seed, **dict(params or {}))
+
+
+@dataclass(frozen=True)
+class RandomSelection:
+    """The random baseline: distinct pool rows in draw order."""
+
+    example_rows: np.ndarray
+    n_pool: int
+    budget: int
+    seed: int
+
+    @property
+    def n_selected(self) -> int:
+        return int(self.example_rows.size)
+
+
+def select_random(n: int, budget: int, *, seed: int) -> RandomSelection:
+    """`min(budget, n)` distinct rows drawn uniformly for `seed`."""
+    rows = random_selection(n, budget, seed=seed)
+    return RandomSelection(example_rows=rows, n_pool=int(n), budget=int(budget), seed=int(seed))

@@ -1,0 +1,45 @@
+"""The four jobs, split where leaf partitions are created and where the costly validation starts.
+
+`harp_prepare_job` registers the leaf partitions, `leaf_utilities_job` measures a range of them in one step
+(the base model loads once per run), `harp_select_job` fits and selects; `harp_validation_job` is off the
+default path. Light jobs run in process: a step subprocess would import torch for seconds of start-up.
+"""
+
+import dagster as dg
+
+from harp_assets.active_round import active_round_plan
+from harp_assets.base_scores import base_model_scores
+from harp_assets.catalog import lineage_catalog
+from harp_assets.embeddings import example_embeddings
+from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.leaf_utilities import leaf_utilities
+from harp_assets.posteriors import phi_posteriors
+from harp_assets.selections import SELECTION_ASSETS
+from harp_assets.sources import pool_examples, proxy_eval_set
+from harp_assets.validation import exhaustive_selection, selection_validation
+
+PREPARE_ASSETS = [pool_examples, proxy_eval_set, example_embeddings, leaf_hierarchy, base_model_scores]
+SELECT_ASSETS = [phi_posteriors, *SELECTION_ASSETS.values(), active_round_plan, lineage_catalog]
+VALIDATION_ASSETS = [exhaustive_selection, selection_validation]
+ALL_ASSETS = [*PREPARE_ASSETS, leaf_utilities, *SELECT_ASSETS]
+
+harp_prepare_job = dg.define_asset_job(
+    "harp_prepare_job", selection=PREPARE_ASSETS,
+    description="Pool, eval set, embeddings, leaf hierarchy (registers leaf partitions) and base scores.",
+)
+leaf_utilities_job = dg.define_asset_job(
+    "leaf_utilities_job", selection=[leaf_utilities],
+    description="Measure leaf partitions; a partition range runs in one step with the base model loaded once.",
+)
+harp_select_job = dg.define_asset_job(
+    "harp_select_job", selection=SELECT_ASSETS,
+    description="Posteriors from HARP's measured leaves, the four selections, the next active round's plan, the "
+    "run manifest and the DuckDB catalog.",
+)
+harp_validation_job = dg.define_asset_job(
+    "harp_validation_job", selection=VALIDATION_ASSETS,
+    description="The exhaustive oracle (every leaf must be measured) and every selection validated on the "
+    "held-out test split; `make validate` measures the leaves and runs it.",
+)
+
+JOBS = [harp_prepare_job, leaf_utilities_job, harp_select_job, harp_validation_job]

@@ -1,0 +1,147 @@
+"""`run_harp` and `run_validation`: the whole graph materialised in order, through Dagster's own jobs.
+
+`run_harp` is `harp.driver.drive_rounds` with Dagster as the measuring hand: prepare, then one
+`leaf_utilities_job` run per contiguous range of the representative leaves, then `harp_select_job` (which
+fits the posteriors and plans the next active round), then each planned round's leaves and a new selection.
+Already-measured, unchanged leaves are skipped inside the leaf runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+from harp import driver, store
+from harp.config import HarpSettings
+from harp.lineage import LineageStore
+from harp_assets.hierarchy import LEAVES_PARTITIONS
+from harp_assets.jobs import harp_prepare_job, harp_select_job, harp_validation_job, leaf_utilities_job
+from harp_assets.validation import exhaustive_leaf_ids
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+
+
+def _defs() -> dg.Definitions:
+    from harp_assets.definitions import defs  # the default code location, built on first use
+
+    return defs
+
+
+def _resources(definitions: dg.Definitions) -> tuple[LineageStore, HarpSettings, Any, Any]:
+    """The definitions' lineage, settings, finetuner and evaluator, with `dg.EnvVar` fields resolved."""
+    got = definitions.resources or {}
+
+    def resolved(key: str) -> Any:
+        res = got.get(key)
+        return res.process_config_and_initialize() if isinstance(res, dg.ConfigurableResource) else res
+
+    return (resolved("lineage") or LineageStore(), resolved("settings") or HarpSettings(), resolved("finetuner"),
+            resolved("evaluator"))
+
+
+def run_leaf_ranges(
+    instance: dg.DagsterInstance,
+    definitions: dg.Definitions,
+    wanted: set[str],
+    tags: Mapping[str, str] | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """One `leaf_utilities_job` run per contiguous range of `wanted` keys in the registered partition order
+    (each range is one step, so the base model loads once per range)."""
+    registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
+    return [
+        definitions.resolve_job_def(leaf_utilities_job.name).execute_in_process(
+            instance=instance, tags={**dict(tags or {}), RANGE_START: a, RANGE_END: b},
+        )
+        for a, b in driver.partition_ranges(registered, wanted)
+    ]
+
+
+def run_harp(
+    instance: dg.DagsterInstance,
+    definitions: dg.Definitions | None = None,
+    *,
+    leaf_ids: list[str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Materialise the whole graph in order: prepare, the representative leaves (or `leaf_ids`), select,
+    then each planned active round (its leaves, then select again).
+
+    Returns the stages' Dagster results (`leaf_runs` is a list: one run per partition range, active rounds
+    included; `select` is the last selection run, `select_runs` all of them) and their wall `seconds`; it
+    stops after a stage whose run failed.
+    """
+    definitions = definitions or _defs()
+    lineage, settings, finetuner, evaluator = _resources(definitions)
+    tags = dict(tags or {})
+    results: dict[str, Any] = {"seconds": {}, "leaf_runs": [], "select_runs": []}
+
+    def timed(stage: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            results["seconds"][stage] = results["seconds"].get(stage, 0.0) + time.perf_counter() - t0
+
+    class Failed(Exception):
+        pass
+
+    results["prepare"] = timed("prepare", lambda: definitions.resolve_job_def(harp_prepare_job.name)
+                               .execute_in_process(instance=instance, tags=tags))
+    if not results["prepare"].success:
+        return results
+
+    def measure(leaves: list[str]) -> None:
+        round_tags = tags if not results["select_runs"] else {**tags, "harp/active_round": str(
+            len(store.read_plan(lineage)))}
+        stage = "leaf_runs" if not results["select_runs"] else "active_leaf_runs"
+        runs = timed(stage, lambda: run_leaf_ranges(instance, definitions, set(leaves), round_tags))
+        results["leaf_runs"].extend(runs)
+        if not all(r.success for r in runs):
+            raise Failed
+
+    def refit(_round: int) -> list[str]:
+        run = timed("select", lambda: definitions.resolve_job_def(harp_select_job.name)
+                    .execute_in_process(instance=instance, tags=tags))
+        results["select"] = run
+        results["select_runs"].append(run)
+        if not run.success:
+            raise Failed
+        if finetuner is None or evaluator is None:
+            return []
+        return driver.pending_active_leaves(lineage, finetuner, evaluator, settings)
+
+    table = store.load_leaf_table(lineage)
+    first = leaf_ids if leaf_ids is not None else table.leaf_ids[table.representative].tolist()
+    try:
+        driver.drive_rounds(first, measure, refit, max_rounds=settings.active_rounds)
+    except Failed:
+        pass
+    return results
+
+
+def run_validation(
+    instance: dg.DagsterInstance,
+    definitions: dg.Definitions | None = None,
+    *,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The exhaustive mode and the validation group, after `run_harp`: measure every leaf not yet measured
+    (HARP's own leaves are cached partitions), then run `harp_validation_job`."""
+    definitions = definitions or _defs()
+    lineage = _resources(definitions)[0]
+    results: dict[str, Any] = {"seconds": {}}
+    t0 = time.perf_counter()
+    results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(exhaustive_leaf_ids(lineage)),
+                                           {**dict(tags or {}), "harp/exhaustive": "true"})
+    results["seconds"]["exhaustive_leaf_runs"] = time.perf_counter() - t0
+    if not all(r.success for r in results["leaf_runs"]):
+        return results
+    t0 = time.perf_counter()
+    results["validate"] = definitions.resolve_job_def(harp_validation_job.name).execute_in_process(
+        instance=instance, tags=dict(tags or {}))
+    results["seconds"]["validate"] = time.perf_counter() - t0
+    return results
