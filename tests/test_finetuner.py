@@ -9,14 +9,14 @@ import torch
 from conftest import TINY_WORDS
 from transformers import AutoModelForCausalLM
 
-from harp.models.device import DeviceResource
+from harp.models.device import Device
 from harp.models.evaluator import Evaluator
 from harp.models.finetuner import LoraFinetuner, default_target_modules, train_and_evaluate
 from harp_resources import finetuner as ftmod
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-CPU = DeviceResource(device="cpu")
+CPU = Device(device="cpu")
 
 
 def _task(n: int = 48, seed: int = 1) -> tuple[list[str], list[str]]:
@@ -199,7 +199,7 @@ def test_cpu_fallback_and_dagster_resource(tiny_model_dir):
 
     res = dg.materialize(
         [leaf],
-        resources={"finetuner": LoraFinetuner(base_model=str(tiny_model_dir), device=DeviceResource(device="auto"), epochs=1)},
+        resources={"finetuner": LoraFinetuner(base_model=str(tiny_model_dir), device=Device(device="auto"), epochs=1)},
     )
     assert res.success
     mats = res.asset_materializations_for_node("leaf")

@@ -8,7 +8,7 @@ import pytest
 from test_stages import HIERARCHY, LORA, make_eval_set, make_pool
 
 from harp.entry import HarpResult, harp
-from harp.models.device import DeviceResource
+from harp.models.device import Device
 from harp_resources import finetuner as ftmod
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -61,7 +61,7 @@ def _run(model_dir, train=None, X=None, eval_set=None, **kw) -> HarpResult:
         lora_config=dict(LORA),
         hierarchy_config=dict(HIERARCHY),
         seed=0,
-        device=DeviceResource(device="cpu"),
+        device=Device(device="cpu"),
         n_boot=50,
     )
     return harp(**(args | kw))

@@ -1,4 +1,4 @@
-"""The HARP asset graph end to end on a tiny demo, through Dagster's APIs, in a temporary DAGSTER_HOME."""
+"""The HARP asset graph end to end on the tiny demo, through Dagster's APIs, in a temporary DAGSTER_HOME."""
 
 import os
 import time
@@ -6,50 +6,20 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from conftest import tiny_dagster_env, tiny_pipeline_setup
+from helpers import BUDGET, GROWTH, POOL, copy_of, leaf_events, metadata, trained_leaves
 
-from harp.lineage import LineageStore
-from harp_assets import leaf_utilities as lu
-from harp_assets.definitions import (
-    ALL_ASSETS,
-    defs,
-    harp_prepare_job,
-    harp_select_job,
-    leaf_utilities_job,
-    partition_ranges,
-    run_harp,
-)
-from harp_demo.build import BaseModelConfig
+from harp.driver import partition_ranges
+from harp_assets.definitions import defs
+from harp_assets.runner import run_harp
 
 pytestmark = pytest.mark.slow
 
-TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=150, batch_size=16)
-BUDGET = 100
-POOL = 400
-GROWTH = 40
 
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny demo, a temporary DAGSTER_HOME and the whole graph materialised once."""
-    with tiny_dagster_env(tmp_path_factory, "pipeline") as (root, instance):
-        pool_dir, full, resources = tiny_pipeline_setup(
-            root, pool=POOL, growth=GROWTH, base=TINY_BASE,
-            settings=dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1, top_k_points=BUDGET, n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80),
-            lora=dict(r=8, epochs=4, batch_size=16, max_length=96, learning_rate=1e-2),
-        )
-        test_defs = dg.Definitions(assets=ALL_ASSETS, resources=resources,
-                                   jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job])
-        before = lu.trained_count()
-        t0 = time.perf_counter()
-        results = run_harp(instance, test_defs)
-        wall = time.perf_counter() - t0
-        yield {"defs": test_defs, "instance": instance, "results": results, "trained": lu.trained_count() - before,
-               "lineage": resources["lineage"], "wall": wall, "pool_dir": pool_dir, "extra": full.slice(POOL)}
-
-
-def _md(result, asset: str) -> dict:
-    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+@pytest.fixture
+def pipeline(tiny_pipeline, tmp_path):
+    """This test's own copy of the session's materialised tiny pipeline."""
+    with copy_of(tiny_pipeline, tmp_path / "copy") as env:
+        yield env
 
 
 def test_default_definitions_load_without_building_anything(tmp_path, monkeypatch):
@@ -69,26 +39,34 @@ def test_partition_ranges_group_contiguous_keys():
 
 
 def test_whole_graph_materialises_and_is_queryable(pipeline):
-    res = pipeline["results"]
+    res = pipeline.first.results
     assert res["prepare"].success and res["select"].success and all(r.success for r in res["leaf_runs"])
-    lineage: LineageStore = pipeline["lineage"]
-    inst = pipeline["instance"]
-    hier = _md(res["prepare"], "leaf_hierarchy")
+    lineage, inst = pipeline.lineage, pipeline.instance
+    hier = metadata(res["prepare"], "leaf_hierarchy")
     reps = hier["representatives"]
     assert hier["leaves"] > reps >= 2
     # leaf partitions: registered for every leaf, representatives first; one run covers them all
     keys = inst.get_dynamic_partitions("leaves")
     assert len(keys) == hier["leaves"]
     assert len(res["leaf_runs"]) == 1
-    assert pipeline["trained"] == reps
-    leaf_md = _md(res["leaf_runs"][0], "leaf_utilities")
-    assert leaf_md["trained"] == reps and leaf_md["skipped_up_to_date"] == 0
+    events = leaf_events(res["leaf_runs"])
+    assert len(trained_leaves(res["leaf_runs"])) == reps == len(events)
+    assert [e["partition"] for e in events] == keys[:reps]  # representatives come first in the registry
+    # each partition carries its own data version, in Dagster's tag and in our lineage table
+    versions = {e["partition"]: e["data_version"] for e in events}
+    assert len(set(versions.values())) == reps
+    for leaf, dv in versions.items():
+        record = inst.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("leaf_utilities"), asset_partitions=[leaf]), limit=1
+        ).records[0]
+        assert record.asset_materialization.tags["dagster/data_version"] == dv
+        assert set(lineage.read_partition("leaf_utilities", leaf)["data_version"].to_list()) == {dv}
     # Dagster's cost per partition: the leaf run's wall time beyond the train-evaluate cycles
-    run_s = pipeline["results"]["seconds"]["leaf_runs"]
-    train_s = leaf_md["train_eval_seconds"]
+    run_s = res["seconds"]["leaf_runs"]
+    train_s = sum(e["train_eval_seconds"] for e in events)
     print(f"\nleaf run: {reps} partitions, {run_s:.2f} s wall, {train_s:.2f} s train+eval, "
-          f"{(run_s - train_s) / reps:.3f} s overhead per partition ({leaf_md['step_overhead_seconds_per_partition']:.3f} s "
-          "of it inside the step)")
+          f"{(run_s - train_s) / reps:.3f} s overhead per partition "
+          f"({events[-1]['step_overhead_seconds_per_partition']:.3f} s of it inside the step)")
 
     counts = lineage.query(
         "SELECT (SELECT count(*) FROM examples) AS ex, (SELECT count(*) FROM leaves) AS lv, "
@@ -97,42 +75,49 @@ def test_whole_graph_materialises_and_is_queryable(pipeline):
         "(SELECT count(*) FROM run_manifests) AS rm"
     ).row(0, named=True)
     n_dom = lineage.query("SELECT count(DISTINCT domain) AS d FROM phi_posteriors")["d"][0]
-    assert counts == {"ex": 400, "lv": hier["leaves"], "lu": reps, "pm": reps * n_dom, "rm": 1}
+    assert counts == {"ex": POOL, "lv": hier["leaves"], "lu": reps, "pm": reps * n_dom, "rm": 1}
     # every example in exactly one leaf
-    assert lineage.query("SELECT count(DISTINCT example_id) AS n FROM examples")["n"][0] == 400
+    assert lineage.query("SELECT count(DISTINCT example_id) AS n FROM examples")["n"][0] == POOL
     sel = lineage.query(
         "SELECT method, count(*) AS n, count(DISTINCT example_id) AS d, "
         "sum(CASE WHEN e.example_id IS NULL THEN 1 ELSE 0 END) AS outside "
         "FROM latest_selections s LEFT JOIN examples e USING (example_id) GROUP BY method ORDER BY method"
     )
-    # HARP selects nothing when no leaf is predicted to help (the tiny demo model barely learns, so that can
-    # happen here); each asset's metadata says how many it selected, and the table must agree with it.
-    selected = {m: _md(res["select"], f"{m}_selection")["selected"] for m in ("harp_c", "harp_e", "random", "tsds")}
-    nonempty = sorted(m for m, n in selected.items() if n > 0)
-    assert {"random", "tsds"} <= set(nonempty)
-    assert sel["method"].to_list() == nonempty
-    assert dict(zip(sel["method"], sel["n"], strict=True)) == {m: selected[m] for m in nonempty}
+    selected = {m: metadata(res["select"], f"{m}_selection")["selected"] for m in ("harp_c", "harp_e", "random", "tsds")}
+    assert sel["method"].to_list() == sorted(m for m, n in selected.items() if n > 0)
+    assert dict(zip(sel["method"], sel["n"], strict=True)) == {m: n for m, n in selected.items() if n > 0}
     assert all(0 < n <= BUDGET for n in sel["n"].to_list())
     assert sel["n"].to_list() == sel["d"].to_list() and sum(sel["outside"].to_list()) == 0
-    assert dict(zip(sel["method"], sel["n"], strict=True))["random"] == BUDGET
+    assert selected["random"] == BUDGET
     seconds = lineage.query("SELECT seconds_json FROM run_manifests")["seconds_json"][0]
     assert '"leaf_hierarchy"' in seconds and '"tsds_selection"' in seconds
-    why = lineage.query(f"SELECT * FROM selections WHERE method = '{nonempty[0]}' LIMIT 1")
+    why = lineage.query("SELECT * FROM selections WHERE method = 'random' LIMIT 1")
     assert why["leaf_id"][0] in keys
 
 
+def test_harp_selects_helpful_leaves_and_no_harmful_example(pipeline):
+    """The tiny demo plants its effects: clean facts help, wrong facts hurt (ground truth kept apart)."""
+    import polars as pl
+
+    truth = pl.read_parquet(pipeline.root / "demo" / "ground_truth.parquet").select("example_id", "kind")
+    kinds = pipeline.lineage.query("SELECT method, example_id FROM latest_selections").join(truth, on="example_id")
+    for method in ("harp_c", "harp_e"):
+        mine = kinds.filter(pl.col("method") == method)
+        assert mine.height > 0, f"{method} selected nothing"
+        assert mine.filter(pl.col("kind") == "harmful").height == 0, f"{method} selected harmful examples"
+
+
 def test_second_run_with_nothing_changed_trains_no_leaf(pipeline):
-    inst, test_defs = pipeline["instance"], pipeline["defs"]
-    before = lu.trained_count()
     t0 = time.perf_counter()
-    again = run_harp(inst, test_defs)
+    again = run_harp(pipeline.instance, pipeline.defs)
     assert all(r.success for r in again["leaf_runs"])
-    assert lu.trained_count() == before
-    md = _md(again["leaf_runs"][0], "leaf_utilities")
-    assert md["trained"] == 0 and md["skipped_up_to_date"] == md["partitions"] > 0
-    # a changed LoRA recipe makes every measured leaf stale
-    lineage: LineageStore = pipeline["lineage"]
-    print(f"\nfirst run {pipeline['wall']:.1f} s, cached rerun {time.perf_counter() - t0:.1f} s")
+    events = leaf_events(again["leaf_runs"])
+    assert events and trained_leaves(again["leaf_runs"]) == []
+    # an up-to-date partition keeps the data version it was measured with
+    first = {e["partition"]: e["data_version"] for e in leaf_events(pipeline.first.results["leaf_runs"])}
+    assert {e["partition"]: e["data_version"] for e in events} == first
+    lineage = pipeline.lineage
+    print(f"\nfirst run {pipeline.first.wall:.1f} s, cached rerun {time.perf_counter() - t0:.1f} s")
     n_sel = lineage.query("SELECT count(DISTINCT selection_id) AS n FROM selections")["n"][0]
     n_methods = lineage.query("SELECT count(DISTINCT method) AS n FROM selections")["n"][0]
     assert n_methods >= 2 and n_sel == 2 * n_methods  # two runs x each non-empty method, history kept
@@ -140,24 +125,22 @@ def test_second_run_with_nothing_changed_trains_no_leaf(pipeline):
 
 
 def test_pool_growth_trains_only_new_or_changed_representatives(pipeline):
-    inst, test_defs = pipeline["instance"], pipeline["defs"]
-    lineage: LineageStore = pipeline["lineage"]
+    lineage = pipeline.lineage
     before = {(r["leaf_id"], r["member_hash"]) for r in lineage.read_table("leaves").iter_rows(named=True)}
-    pipeline["extra"].write_parquet(pipeline["pool_dir"] / "part-001.parquet")
-    n0 = lu.trained_count()
-    res = run_harp(inst, test_defs)
+    pipeline.grow()
+    res = run_harp(pipeline.instance, pipeline.defs)
     assert res["select"].success
-    emb = _md(res["prepare"], "example_embeddings")
+    emb = metadata(res["prepare"], "example_embeddings")
     assert (emb["embedded_new"], emb["cached"]) == (GROWTH, POOL)
-    hier = _md(res["prepare"], "leaf_hierarchy")
+    hier = metadata(res["prepare"], "leaf_hierarchy")
     assert hier["how"] == "grown" and hier["added_examples"] == GROWTH
     after = lineage.read_table("leaves")
     changed_reps = [r["leaf_id"] for r in after.iter_rows(named=True)
                     if r["is_representative"] and (r["leaf_id"], r["member_hash"]) not in before]
-    assert lu.trained_count() - n0 == len(changed_reps)
+    assert sorted(trained_leaves(res["leaf_runs"])) == sorted(changed_reps)
     print(f"\ngrowth: {hier['leaves']} leaves, {hier.get('leaves_split')} split, {len(changed_reps)} of "
           f"{hier['representatives']} representatives retrained")
-    assert set(inst.get_dynamic_partitions("leaves")) == set(after["leaf_id"].to_list())
+    assert set(pipeline.instance.get_dynamic_partitions("leaves")) == set(after["leaf_id"].to_list())
     assert hier["retired_partitions"] == hier["leaves_split"]
     assert lineage.query("SELECT count(*) AS n FROM examples")["n"][0] == POOL + GROWTH
     assert lineage.query("SELECT count(*) AS n FROM phi_posteriors WHERE NOT isfinite(mean)")["n"][0] == 0

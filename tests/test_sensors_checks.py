@@ -10,51 +10,49 @@ import time
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import tiny_dagster_env, tiny_pipeline_setup
-from harp_assets.checks import CHECKS
+from helpers import BUDGET, GROWTH, POOL, copy_of, pipeline_defs, trained_leaves
 
 from harp.lineage import LineageStore
-from harp.sources import PoolSource
-from harp_assets import leaf_utilities as lu
 from harp_assets.automation import (
     BATCH_TAG,
+    CHAIN_SENSORS,
     CHAIN_TAG,
     RANGE_END,
     RANGE_START,
-    chain_sensors,
     daily_reselection,
     pool_growth_sensor,
     reselect_cron,
 )
-from harp_assets.definitions import ALL_ASSETS, defs, harp_prepare_job, harp_select_job, leaf_utilities_job
-from harp_demo.build import BaseModelConfig
+from harp_assets.definitions import defs
+from harp_resources import LineageResource, PoolSourceResource
 
 pytestmark = pytest.mark.slow
 
-TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=100, batch_size=16)
-BUDGET = 60
-POOL = 240
-GROWTH = 24
-LEAF_SENSOR, SELECT_SENSOR, ACTIVE_SENSOR = chain_sensors(harp_prepare_job, leaf_utilities_job, harp_select_job)
+LEAF_SENSOR, SELECT_SENSOR, ACTIVE_SENSOR = CHAIN_SENSORS
 CHECKS_JOB = dg.define_asset_job("harp_checks_job", selection=dg.AssetSelection.all_asset_checks())
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny demo pool in a folder, its resources and definitions (with the checks), and a test instance."""
-    with tiny_dagster_env(tmp_path_factory, "sensors") as (root, instance):
-        pool_dir, full, resources = tiny_pipeline_setup(
-            root, pool=POOL, growth=GROWTH, base=TINY_BASE,
-            settings=dict(leaf_size=40, leaves_per_parent=3, parents_per_region=2, n_representatives=1, top_k_points=BUDGET, n_boot=30, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=60),
-            lora=dict(r=4, epochs=2, batch_size=16, max_length=96, learning_rate=1e-2),
-        )
-        test_defs = dg.Definitions(
-            assets=ALL_ASSETS, asset_checks=CHECKS, resources=resources,
-            jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job, CHECKS_JOB],
-            sensors=[pool_growth_sensor, LEAF_SENSOR, SELECT_SENSOR], schedules=[daily_reselection],
-        )
-        yield {"defs": test_defs, "instance": instance, "resources": resources, "pool_dir": pool_dir,
-               "extra": full.slice(POOL), "lineage": resources["lineage"], "state": {}}
+def _env(copy) -> dict:
+    """The sensors' view of a pipeline copy: its resources, definitions (with a checks job) and instance."""
+    test_defs = pipeline_defs(copy.resources, sensors=[pool_growth_sensor, LEAF_SENSOR, SELECT_SENSOR],
+                              schedules=[daily_reselection])
+    test_defs = dg.Definitions.merge(test_defs, dg.Definitions(jobs=[CHECKS_JOB]))
+    return {"defs": test_defs, "instance": copy.instance, "resources": copy.resources, "copy": copy,
+            "pool_dir": copy.root / "pool", "lineage": copy.lineage}
+
+
+@pytest.fixture
+def fresh(tiny_pipeline, tmp_path):
+    """The tiny demo's pool and model with a new, empty instance: nothing prepared or measured yet."""
+    with copy_of(tiny_pipeline, tmp_path / "copy", fresh_instance=True) as copy:
+        yield _env(copy)
+
+
+@pytest.fixture
+def env(tiny_pipeline, tmp_path):
+    """A copy of the materialised tiny pipeline (prepared, representatives measured, selected)."""
+    with copy_of(tiny_pipeline, tmp_path / "copy") as copy:
+        yield _env(copy)
 
 
 def _pool_tick(env, cursor):
@@ -92,9 +90,8 @@ def _run_chain(env, prepare_request: dg.RunRequest) -> dict:
     """Prepare -> leaf runs the leaf sensor asks for -> the selection the second sensor asks for."""
     prep = _execute(env, prepare_request)
     leaf_tick = _status_tick(env, LEAF_SENSOR, prep)
-    n0 = lu.trained_count()
     leaf_runs = [_execute(env, r) for r in leaf_tick.run_requests if r.job_name == "leaf_utilities_job"]
-    trained = lu.trained_count() - n0
+    trained = len(trained_leaves(leaf_runs))
     select_ticks = [_status_tick(env, SELECT_SENSOR, r) for r in leaf_runs]
     asked = [r for t in select_ticks for r in t.run_requests]
     if not leaf_runs:  # nothing to train: the leaf sensor asks for the selection itself
@@ -129,7 +126,7 @@ def test_reselect_cron_from_env(monkeypatch):
 
 def test_missing_pool_source_skips(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    resources = {"pool_source": PoolSource(pool_path=str(tmp_path / "absent")), "lineage": LineageStore()}
+    resources = {"pool_source": PoolSourceResource(pool_path=str(tmp_path / "absent")), "lineage": LineageResource()}
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(instance=instance, cursor="abc", resources=resources) as ctx:
             out = pool_growth_sensor(ctx)
@@ -142,7 +139,7 @@ def test_missing_pool_source_skips(tmp_path, monkeypatch):
 def test_waits_while_a_harp_run_is_in_flight(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     (tmp_path / "pool").mkdir()
-    resources = {"pool_source": PoolSource(pool_path=str(tmp_path / "pool")), "lineage": LineageStore()}
+    resources = {"pool_source": PoolSourceResource(pool_path=str(tmp_path / "pool")), "lineage": LineageResource()}
     with dg.instance_for_test() as instance:
         instance.add_run(dg.DagsterRun(job_name="leaf_utilities_job", run_id="r1", status=dg.DagsterRunStatus.STARTED))
         with dg.build_sensor_context(instance=instance, cursor="abc", resources=resources) as ctx:
@@ -150,14 +147,15 @@ def test_waits_while_a_harp_run_is_in_flight(tmp_path, monkeypatch):
     assert isinstance(out, dg.SkipReason) and "in flight, e.g. r1" in out.skip_message
 
 
-def test_first_pool_chains_prepare_leaves_and_selection(env):
+def test_first_pool_chains_prepare_leaves_and_selection(fresh):
+    env = fresh
     first = _pool_tick(env, None)
     assert [r.job_name for r in first.run_requests] == ["harp_prepare_job"]
     fp = env["resources"]["pool_source"].fingerprint()
     assert first.cursor == fp and first.run_requests[0].tags[CHAIN_TAG] == "pool_growth_sensor"
     t0 = time.perf_counter()
     chain = _run_chain(env, first.run_requests[0])
-    env["state"]["chain_s"] = time.perf_counter() - t0
+    print(f"\nfirst chain {time.perf_counter() - t0:.1f} s")
     table = env["lineage"].read_table("leaves")
     reps = sorted(table.filter(pl.col("is_representative"))["leaf_id"].to_list())
     # a first build registers representatives first: one range, one run
@@ -167,11 +165,16 @@ def test_first_pool_chains_prepare_leaves_and_selection(env):
     assert chain["trained"] == len(reps) >= 2
     assert chain["checks"] and all(chain["checks"].values()), chain["checks"]
     assert len(chain["checks"]) == 7
-    env["state"]["cursor"] = first.cursor
+    # the same pool again: no request, the cursor stays
+    again = _pool_tick(env, first.cursor)
+    assert not again.run_requests and again.cursor == first.cursor
 
 
 def test_no_change_no_request(env):
-    cursor = env["state"]["cursor"]
+    # a pool already prepared (by run_harp): its content matches, so no run; the cursor takes the fingerprint
+    seen = _pool_tick(env, None)
+    cursor = env["resources"]["pool_source"].fingerprint()
+    assert not seen.run_requests and seen.cursor == cursor
     again = _pool_tick(env, cursor)
     assert not again.run_requests and again.cursor == cursor
     # a touched file moves the fingerprint, but its content is prepared already: no run, cursor advances
@@ -180,7 +183,6 @@ def test_no_change_no_request(env):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     touched = _pool_tick(env, cursor)
     assert not touched.run_requests and touched.cursor != cursor
-    env["state"]["cursor"] = touched.cursor
     # the schedule: same check, nothing to do
     assert isinstance(_schedule_tick(env), dg.SkipReason)
     # a prepare run outside the chain (run_harp, the UI) is not chained; a chained one with nothing stale and
@@ -194,13 +196,14 @@ def test_no_change_no_request(env):
 def test_new_pool_file_requests_only_changed_representatives(env):
     lineage: LineageStore = env["lineage"]
     before = {(r["leaf_id"], r["member_hash"]) for r in lineage.read_table("leaves").iter_rows(named=True)}
-    env["extra"].write_parquet(env["pool_dir"] / "part-001.parquet")
-    # the schedule sees the change too (it knows the newest chained prepare run's fingerprint)
+    cursor = env["resources"]["pool_source"].fingerprint()
+    env["copy"].grow()
+    # the schedule sees the change too (it compares the pool's content with the prepared one)
     sched = _schedule_tick(env)
     assert isinstance(sched, dg.RunRequest) and sched.job_name == "harp_prepare_job"
-    tick = _pool_tick(env, env["state"]["cursor"])
+    tick = _pool_tick(env, cursor)
     assert [r.job_name for r in tick.run_requests] == ["harp_prepare_job"]
-    assert tick.cursor == env["resources"]["pool_source"].fingerprint() != env["state"]["cursor"]
+    assert tick.cursor == env["resources"]["pool_source"].fingerprint() != cursor
     chain = _run_chain(env, tick.run_requests[0])
     after = lineage.read_table("leaves")
     changed = sorted(r["leaf_id"] for r in after.iter_rows(named=True)
@@ -212,8 +215,7 @@ def test_new_pool_file_requests_only_changed_representatives(env):
     assert chain["trained"] == len(changed)
     assert all(chain["checks"].values()), chain["checks"]
     assert lineage.query("SELECT count(*) AS n FROM examples")["n"][0] == POOL + GROWTH
-    env["state"]["cursor"] = tick.cursor
-    print(f"\nfirst chain {env['state']['chain_s']:.1f} s; growth: {len(changed)} representatives retrained")
+    print(f"\ngrowth: {len(changed)} representatives retrained")
 
 
 def test_checks_fail_on_corrupted_tables(env):

@@ -12,14 +12,14 @@ from conftest import TINY_WORDS
 
 from harp import stages
 from harp.method import Posteriors
-from harp.models.device import DeviceResource
+from harp.models.device import Device
 from harp.models.evaluator import Evaluator
 from harp.models.finetuner import LoraFinetuner
 from harp_resources import finetuner as ftmod
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-CPU = DeviceResource(device="cpu")
+CPU = Device(device="cpu")
 # Pool templates: (words the prompt is drawn from, the response). Two of them match an eval domain whose
 # right answer is that response; the third is off-task filler.
 TEMPLATES: dict[str, tuple[list[str], str]] = {
