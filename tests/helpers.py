@@ -108,7 +108,7 @@ def pipeline_resources(root: Path, *, settings: dict | None = None, lora: dict |
         "finetuner": FinetunerResource(base_model=str(demo / "base_model"), device=device, **recipe),
         "evaluator": EvaluatorResource(**{"batch_size": 64, **(evaluator or {})}),
         "validation_finetuner": FinetunerResource(base_model=str(demo / "base_model"), device=device,
-                                                  **{**recipe, "epochs": 6}),
+                                                  **{**recipe, "epochs": 1}),
         "validation": ValidationResource(test_path=str(demo / "test.jsonl"),
                                          ground_truth_path=str(demo / "ground_truth.parquet")),
     }

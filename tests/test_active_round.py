@@ -7,24 +7,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
-from conftest import tiny_dagster_env, tiny_pipeline_setup
+from helpers import SETTINGS, copy_of, metadata, pipeline_defs, trained_leaves
 
-from harp.config import HarpSettings
 from harp.method.active import active_round_scores, choose_active_leaves
 from harp.metrics import kind_shares, load_ground_truth, oracle_fraction, spearman
-from harp_assets import leaf_utilities as lu
-from harp_assets.active_round import harp_leaves, planned_leaves, read_plan
-from harp_assets.automation import BATCH_TAG, CHAIN_TAG, RANGE_END, RANGE_START, chain_sensors
-from harp_assets.definitions import (
-    ALL_ASSETS,
-    harp_prepare_job,
-    harp_select_job,
-    leaf_utilities_job,
-    run_harp,
-)
-from harp_assets.hierarchy import load_leaf_table
-from harp_assets.posteriors import load_posteriors
-from harp_demo.build import BaseModelConfig
+from harp.store import harp_leaves, load_leaf_table, load_posteriors, planned_leaves, read_plan
+from harp_assets.automation import BATCH_TAG, CHAIN_SENSORS, CHAIN_TAG, RANGE_END, RANGE_START
+from harp_assets.runner import run_harp
+from harp_resources import SettingsResource
 
 # --------------------------------------------------------------------------------------------------------
 # The rule: score[g] = sum over active d of sd[g, d] * max(mean[g, d] + z * sd[g, d], 0)
@@ -227,41 +217,18 @@ def test_oracle_fraction():
 # The round in the Dagster graph: run_harp measures the representatives, then one active round of 2 leaves
 # --------------------------------------------------------------------------------------------------------
 
-BUDGET = 100
-POOL = 300
 ACTIVE_RUNS = 2
 
 
-TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=150, batch_size=16)
-
-
-SETTINGS = dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1, top_k_points=BUDGET,
-                n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80)
-
-
-def _md(result, asset: str) -> dict:
-    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
-
-
-@pytest.fixture(scope="module")
-def active_env(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny demo in a temporary DAGSTER_HOME, with run_harp run once under one active round of 2 leaves."""
-
-    with tiny_dagster_env(tmp_path_factory, "active") as (root, instance):
-        _, _, resources = tiny_pipeline_setup(
-            root, pool=POOL, growth=0, base=TINY_BASE,
-            settings=dict(SETTINGS, active_runs=ACTIVE_RUNS, active_rounds=1),
-            lora=dict(r=8, epochs=4, batch_size=16, max_length=96, learning_rate=1e-2),
-        )
-        jobs = [harp_prepare_job, leaf_utilities_job, harp_select_job]
-        test_defs = dg.Definitions(assets=ALL_ASSETS, resources=resources, jobs=jobs)
-        before = lu.trained_count()
+@pytest.fixture
+def active_env(tiny_pipeline, tmp_path):
+    """A copy of the materialised tiny pipeline, run again with one active round of 2 leaves configured."""
+    with copy_of(tiny_pipeline, tmp_path / "copy", settings=dict(active_runs=ACTIVE_RUNS, active_rounds=1)) as copy:
         t0 = time.perf_counter()
-        results = run_harp(instance, test_defs)
+        results = run_harp(copy.instance, copy.defs)
         wall = time.perf_counter() - t0
-        yield {"defs": test_defs, "instance": instance, "results": results, "resources": resources,
-               "trained": lu.trained_count() - before, "lineage": resources["lineage"], "wall": wall,
-               "jobs": jobs}
+        yield {"defs": copy.defs, "instance": copy.instance, "results": results, "resources": copy.resources,
+               "trained": len(trained_leaves(results["leaf_runs"])), "lineage": copy.lineage, "wall": wall}
 
 
 @pytest.mark.slow
@@ -273,10 +240,11 @@ def test_run_harp_measures_the_representatives_then_one_active_round(active_env)
     table = load_leaf_table(lineage)
     reps = set(table.leaf_ids[table.representative].tolist())
     assert table.n_leaves >= len(reps) + ACTIVE_RUNS
-    assert active_env["trained"] == len(reps) + ACTIVE_RUNS
+    # the representatives were measured when the pipeline was first materialised: only the round trains
+    assert active_env["trained"] == ACTIVE_RUNS
     # two selections: before the round (it plans the round) and after it (nothing more to plan)
     assert len(res["select_runs"]) == 2
-    first_plan, last_plan = _md(res["select_runs"][0], "active_round_plan"), _md(res["select"], "active_round_plan")
+    first_plan, last_plan = metadata(res["select_runs"][0], "active_round_plan"), metadata(res["select"], "active_round_plan")
     assert first_plan["new_round"] is True and first_plan["round"] == 1
     assert last_plan["new_round"] is False and last_plan["pending_leaves"] == 0
 
@@ -294,7 +262,7 @@ def test_run_harp_measures_the_representatives_then_one_active_round(active_env)
     assert set(meta["measured_leaves"]) == reps | set(picked)
     assert int(post.measured.sum()) == len(reps) + ACTIVE_RUNS
     assert post.measured[[table.index_of(leaf) for leaf in picked]].all()
-    assert _md(res["select"], "phi_posteriors")["measured"] == len(reps) + ACTIVE_RUNS
+    assert metadata(res["select"], "phi_posteriors")["measured"] == len(reps) + ACTIVE_RUNS
 
     manifest = lineage.query("SELECT * FROM run_manifests ORDER BY created_at DESC LIMIT 1").row(0, named=True)
     assert (manifest["active_rounds"], manifest["active_leaves"]) == (1, ACTIVE_RUNS)
@@ -312,12 +280,11 @@ def test_second_run_harp_trains_nothing_and_plans_no_round(active_env):
 
     lineage = active_env["lineage"]
     before_plan = read_plan(lineage)
-    n0 = lu.trained_count()
     again = run_harp(active_env["instance"], active_env["defs"])
     assert again["select"].success and all(r.success for r in again["leaf_runs"])
-    assert lu.trained_count() == n0
+    assert trained_leaves(again["leaf_runs"]) == []
     assert len(again["select_runs"]) == 1
-    plan_md = _md(again["select"], "active_round_plan")
+    plan_md = metadata(again["select"], "active_round_plan")
     assert plan_md["new_round"] is False and plan_md["reason"] == "every configured round is planned"
     assert read_plan(lineage) == before_plan
     assert lineage.query("SELECT count(*) AS n FROM active_rounds")["n"][0] == ACTIVE_RUNS
@@ -328,12 +295,12 @@ def test_second_run_harp_trains_nothing_and_plans_no_round(active_env):
 @pytest.mark.slow
 def test_active_round_sensor_requests_the_planned_leaves_of_a_chained_selection(active_env):
 
-    _, select_sensor, active_sensor = chain_sensors(harp_prepare_job, leaf_utilities_job, harp_select_job)
+    _, select_sensor, active_sensor = CHAIN_SENSORS
     instance, lineage = active_env["instance"], active_env["lineage"]
     # a second round is now allowed: the same resources with active_rounds=2
     resources = {**active_env["resources"],
-                 "settings": HarpSettings(**SETTINGS, active_runs=ACTIVE_RUNS, active_rounds=2)}
-    defs2 = dg.Definitions(assets=ALL_ASSETS, resources=resources, jobs=active_env["jobs"])
+                 "settings": SettingsResource(**SETTINGS, active_runs=ACTIVE_RUNS, active_rounds=2)}
+    defs2 = pipeline_defs(resources)
 
     def tick(sensor, result):
         with dg.build_run_status_sensor_context(
@@ -367,9 +334,8 @@ def test_active_round_sensor_requests_the_planned_leaves_of_a_chained_selection(
     batch = {r.tags[BATCH_TAG] for r in asked.run_requests}
     assert len(batch) == 1 and next(iter(batch)).startswith("active-")
     # the daemon's part: the leaf runs, then the selection the batch sensor asks for once they all succeeded
-    n0 = lu.trained_count()
     leaf_runs = [execute(r.job_name, r.tags) for r in asked.run_requests]
-    assert lu.trained_count() - n0 == ACTIVE_RUNS
+    assert len(trained_leaves(leaf_runs)) == ACTIVE_RUNS
     selects = [r for run in leaf_runs for r in tick(select_sensor, run).run_requests]
     assert selects and {r.job_name for r in selects} == {"harp_select_job"}
     final = execute("harp_select_job", selects[-1].tags)

@@ -6,40 +6,17 @@ import time
 import dagster as dg
 import polars as pl
 import pytest
-from conftest import tiny_dagster_env, tiny_pipeline_setup
+from helpers import BUDGET, POOL, TinyPipeline, copy_of, metadata, pipeline_defs, trained_leaves
 
-from harp.config import HarpSettings, ValidationSettings
-from harp.lineage import LineageStore
+from harp import store
 from harp.metrics import kind_shares, load_ground_truth
-from harp.models.device import DeviceResource
-from harp.models.finetuner import LoraFinetuner
-from harp_assets import leaf_utilities as lu
-from harp_assets.definitions import (
-    ALL_ASSETS,
-    VALIDATION_ASSETS,
-    harp_prepare_job,
-    harp_select_job,
-    harp_validation_job,
-    leaf_utilities_job,
-    run_harp,
-    run_validation,
-)
-from harp_assets.hierarchy import load_leaf_table
-from harp_assets.leaf_utilities import leaf_versions, stored_version
-from harp_demo.build import BaseModelConfig
+from harp_assets.runner import run_validation
+from harp_resources import SettingsResource, ValidationResource
 
 pytestmark = pytest.mark.slow
 
-# Pretrained long enough (unlike the pipeline tests' 150 steps) for LoRA on a leaf to move proxy accuracy, so
-# HARP's selections are not empty and every validated method has examples.
-TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=800, batch_size=16)
-BUDGET = 100
-POOL = 300
 METHODS = {"harp_c", "harp_e", "tsds", "random", "exhaustive", "full"}
-
-
-def _md(result, asset: str) -> dict:
-    return {k: v.value for k, v in result.asset_materializations_for_node(asset)[0].metadata.items()}
+_md = metadata
 
 
 def _newest_selection(instance: dg.DagsterInstance, method: str) -> tuple[str, int]:
@@ -49,48 +26,36 @@ def _newest_selection(instance: dg.DagsterInstance, method: str) -> tuple[str, i
 
 
 @pytest.fixture(scope="module")
-def validated(tmp_path_factory: pytest.TempPathFactory):
-    """run_harp, the validation job once before the exhaustive leaves are measured (it must fail), then
-    run_validation; all on one tiny demo in a temporary DAGSTER_HOME."""
-    with tiny_dagster_env(tmp_path_factory, "validation") as (root, instance):
-        _, full, resources = tiny_pipeline_setup(
-            root, pool=POOL, growth=0, base=TINY_BASE,
-            settings=dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1,
-                          top_k_points=BUDGET, n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80),
-            lora=dict(r=8, epochs=6, batch_size=16, max_length=96, learning_rate=1e-2),
-        )
-        demo = root / "demo"
-        resources = {
-            **resources,
-            "validation": ValidationSettings(test_path=str(demo / "test.jsonl"),
-                                             ground_truth_path=str(demo / "ground_truth.parquet")),
-            "validation_finetuner": LoraFinetuner(
-                base_model=resources["finetuner"].base_model, device=DeviceResource(device="cpu", cpu_threads=1),
-                r=8, epochs=1, batch_size=16, max_length=96, learning_rate=1e-2),
-        }
-        test_defs = dg.Definitions(
-            assets=[*ALL_ASSETS, *VALIDATION_ASSETS], resources=resources,
-            jobs=[harp_prepare_job, leaf_utilities_job, harp_select_job, harp_validation_job],
-        )
-        harp = run_harp(instance, test_defs)
-        lineage: LineageStore = resources["lineage"]
-        measured_by_harp = set(lineage.partition_keys("leaf_utilities"))
-        early = test_defs.resolve_job_def("harp_validation_job").execute_in_process(
-            instance=instance, raise_on_error=False)
-        n0 = lu.trained_count()
+def validated_template(tiny_pipeline, tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
+    """The materialised tiny pipeline, then the validation job once before the exhaustive leaves are measured
+    (it must fail), then run_validation; kept as a folder each test copies."""
+    root = tmp_path_factory.mktemp("validated")
+    with copy_of(tiny_pipeline, root) as copy:
+        measured_by_harp = set(copy.lineage.partition_keys("leaf_utilities"))
+        early = copy.defs.resolve_job_def("harp_validation_job").execute_in_process(
+            instance=copy.instance, raise_on_error=False)
         t0 = time.perf_counter()
-        validation = run_validation(instance, test_defs)
+        validation = run_validation(copy.instance, copy.defs)
         wall = time.perf_counter() - t0
-        yield {"defs": test_defs, "instance": instance, "harp": harp, "early": early, "validation": validation,
-               "trained": lu.trained_count() - n0, "measured_by_harp": measured_by_harp, "lineage": lineage,
-               "resources": resources, "pool": full.head(POOL), "demo": demo, "wall": wall}
+    return TinyPipeline(root=root, wall=wall, results={
+        "early": early, "validation": validation, "measured_by_harp": measured_by_harp,
+        "trained": len(trained_leaves(validation["leaf_runs"]))})
+
+
+@pytest.fixture
+def validated(validated_template, tmp_path):
+    """This test's own copy of the validated pipeline."""
+    with copy_of(validated_template, tmp_path / "copy") as copy:
+        yield {**validated_template.results, "defs": copy.defs, "instance": copy.instance, "lineage": copy.lineage,
+               "resources": copy.resources, "demo": copy.root / "demo", "wall": validated_template.wall,
+               "pool": pl.read_parquet(copy.root / "pool" / "part-000.parquet")}
 
 
 def test_exhaustive_selection_before_the_leaves_are_measured_names_them(validated):
     early = validated["early"]
     assert not early.success
     assert early.is_node_failed("exhaustive_selection")
-    table = load_leaf_table(validated["lineage"])
+    table = store.load_leaf_table(validated["lineage"])
     unmeasured = sorted(set(table.leaf_ids.tolist()) - validated["measured_by_harp"])
     assert unmeasured
     message = early.failure_data_for_node("exhaustive_selection").error.cause.message
@@ -103,14 +68,15 @@ def test_exhaustive_selection_before_the_leaves_are_measured_names_them(validate
 def test_exhaustive_mode_trains_only_the_unmeasured_leaves(validated):
     res, lineage = validated["validation"], validated["lineage"]
     assert all(r.success for r in res["leaf_runs"]) and res["validate"].success
-    table = load_leaf_table(lineage)
+    table = store.load_leaf_table(lineage)
     reps = int(table.representative.sum())
     assert validated["measured_by_harp"] == set(table.leaf_ids[table.representative].tolist())
     assert validated["trained"] == table.n_leaves - reps > 0
-    trained = [leaf for r in res["leaf_runs"] for leaf in _md(r, "leaf_utilities")["trained_leaves"]]
+    trained = trained_leaves(res["leaf_runs"])
     assert sorted(trained) == sorted(set(table.leaf_ids.tolist()) - validated["measured_by_harp"])
-    versions = leaf_versions(lineage, validated["resources"]["finetuner"], validated["resources"]["settings"])
-    assert all(stored_version(lineage, leaf) == versions[leaf] for leaf in table.leaf_ids.tolist())
+    r = validated["resources"]
+    versions = store.leaf_versions(lineage, r["finetuner"], r["evaluator"], r["settings"].seed)
+    assert all(store.stored_version(lineage, leaf) == versions[leaf] for leaf in table.leaf_ids.tolist())
     md = _md(res["validate"], "exhaustive_selection")
     assert md["train_eval_runs"] == table.n_leaves
     assert md["harp_leaves_measured"] == reps
@@ -164,7 +130,7 @@ def test_posteriors_after_the_exhaustive_mode_use_only_harp_leaves(validated):
     lineage = validated["lineage"]
     select = validated["defs"].resolve_job_def("harp_select_job").execute_in_process(instance=validated["instance"])
     assert select.success
-    table = load_leaf_table(lineage)
+    table = store.load_leaf_table(lineage)
     reps = int(table.representative.sum())
     md = _md(select, "phi_posteriors")
     assert md["measured"] == reps
@@ -173,14 +139,13 @@ def test_posteriors_after_the_exhaustive_mode_use_only_harp_leaves(validated):
 
 
 def test_an_empty_newest_harp_selection_is_validated_as_empty(validated):
-    lineage: LineageStore = validated["lineage"]
+    lineage = validated["lineage"]
     instance = validated["instance"]
     base = validated["resources"]
     # no domain can be active at this z, so both HARP envelopes (and the oracle) select nothing
-    resources = {**base, "settings": HarpSettings(**{**base["settings"].model_dump(), "z_active": 1e6}),
-                 "validation": ValidationSettings(**{**base["validation"].model_dump(), "include_full_pool": False})}
-    defs = dg.Definitions(assets=[*ALL_ASSETS, *VALIDATION_ASSETS], resources=resources,
-                          jobs=[harp_select_job, harp_validation_job])
+    resources = {**base, "settings": SettingsResource(**{**base["settings"].model_dump(), "z_active": 1e6}),
+                 "validation": ValidationResource(**{**base["validation"].model_dump(), "include_full_pool": False})}
+    defs = pipeline_defs(resources)
     select = defs.resolve_job_def("harp_select_job").execute_in_process(instance=instance)
     assert select.success
     newest = {m: _md(select, f"{m}_selection") for m in ("harp_c", "harp_e")}
