@@ -288,7 +288,8 @@ def harp(
 
     driver.drive_rounds(hierarchy.representatives.tolist(), measure, refit, max_rounds=active_rounds)
     effects, post, measured = fits[-1].effects, fits[-1].posteriors, fits[-1].measured
-    seconds["posteriors"] = float(sum(f.seconds for f in fits))
+    seconds["main_effects"] = float(sum(f.effects_seconds for f in fits))
+    seconds["posteriors"] = float(sum(f.posterior_seconds for f in fits))
 
     # -- selection --------------------------------------------------------------------------------------
     t = time.perf_counter()

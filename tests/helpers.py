@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,62 @@ TINY_CONFIG = dict(
 def tiny_corpus(n: int = 300, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [f"{' '.join(rng.choices(TINY_WORDS, k=4))}\n{rng.choice(TINY_WORDS)}" for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# A tiny pool and eval set with known structure, for the stage functions and harp()
+# --------------------------------------------------------------------------------------------------------
+
+# Pool templates: (words the prompt is drawn from, the response). Two of them match an eval domain whose
+# right answer is that response; the third is off-task filler.
+TEMPLATES: dict[str, tuple[list[str], str]] = {
+    "greek": (TINY_WORDS[0:4], "dog"),
+    "colors": (TINY_WORDS[4:7], "moon"),
+    "sky": (TINY_WORDS[14:18], "apple"),
+}
+CHOICES = {"greek": ["cat", "dog"], "colors": ["sun", "moon"]}
+HIERARCHY = {"leaf_size": 15, "leaves_per_parent": 2, "parents_per_region": 2}
+LORA = {"r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "epochs": 2, "batch_size": 8}
+
+
+def make_pool(per_template: int = 50, seed: int = 0, dim: int = 16) -> tuple[list[dict], np.ndarray]:
+    """Train examples from the templates, in template blocks, and features clustered by template."""
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    centers = nrng.normal(size=(len(TEMPLATES), dim))
+    rows, feats = [], []
+    for k, (name, (words, response)) in enumerate(TEMPLATES.items()):
+        for i in range(per_template):
+            rows.append(
+                {
+                    "example_id": f"{name}-{i}",
+                    "prompt": " ".join(rng.choices(words, k=4)),
+                    "response": response,
+                }
+            )
+            feats.append(centers[k] + 0.3 * nrng.normal(size=dim))
+    return rows, np.asarray(feats, dtype=np.float32)
+
+
+def make_eval_set(per_domain: int = 12, seed: int = 1) -> list[dict]:
+    """Multiple-choice rows, domains interleaved so that eval order differs from domain order."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(per_domain):
+        for name in ("greek", "colors"):  # "greek" first: sorted domain order is the other way round
+            words, answer = TEMPLATES[name]
+            choices = CHOICES[name] if i % 2 else CHOICES[name][::-1]
+            rows.append(
+                {
+                    "example_id": f"q-{name}-{i}",
+                    "domain": name,
+                    "prompt": " ".join(rng.choices(words, k=4)),
+                    "choices": choices,
+                    "answer": choices.index(answer),
+                }
+            )
+    return rows
+
 
 
 @contextlib.contextmanager

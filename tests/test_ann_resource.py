@@ -7,9 +7,9 @@ import logging
 import dagster as dg
 import numpy as np
 import pytest
-from harp_resources import AnnResource
 
 from harp.method.ann import faiss_gpu_available
+from harp_resources import AnnResource
 
 
 def _data(n: int = 400, m: int = 25, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, tiny_corpus
+from helpers import TINY_CONFIG, tiny_corpus
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -140,19 +140,21 @@ def test_pretraining_text_never_states_an_evaluated_fact() -> None:
                 assert not any(re.search(rf"\b{w}\b", line, flags=re.IGNORECASE) for w in words), line
 
 
-def test_second_build_is_a_cache_hit(tmp_path: Path) -> None:
+def test_second_build_is_a_cache_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cached"
     first = build_demo(out, pool_size=POOL, seed=0, build_base_model=False)
-    builds = demo_build.build_count()
+    generated: list[int] = []
+    original = demo_build.generate
+    monkeypatch.setattr(demo_build, "generate", lambda cfg: generated.append(cfg.pool_size) or original(cfg))
     mtimes = {n: getattr(first, n).stat().st_mtime_ns for n in DATA_FILES} | {"m": first.manifest.stat().st_mtime_ns}
     second = build_demo(out, pool_size=POOL, seed=0, build_base_model=False)
     assert second == first
-    assert demo_build.build_count() == builds
+    assert generated == []
     assert {n: getattr(second, n).stat().st_mtime_ns for n in DATA_FILES} | {
         "m": second.manifest.stat().st_mtime_ns
     } == mtimes
     build_demo(out, pool_size=POOL + 60, seed=0, build_base_model=False)  # another config rebuilds
-    assert demo_build.build_count() == builds + 1
+    assert generated == [POOL + 60]
     assert json.loads((out / "manifest.json").read_text())["counts"]["pool"] == POOL + 60
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 

@@ -6,13 +6,14 @@ import random
 import dagster as dg
 import pytest
 import torch
-from conftest import TINY_WORDS
+from helpers import TINY_WORDS, counting_base_loads
 from transformers import AutoModelForCausalLM
 
+from harp.models import finetuner as ftmod
 from harp.models.device import Device
 from harp.models.evaluator import Evaluator
 from harp.models.finetuner import LoraFinetuner, default_target_modules, train_and_evaluate
-from harp_resources import finetuner as ftmod
+from harp_resources import DeviceResource, FinetunerResource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -165,17 +166,17 @@ def test_save_load_round_trip(tiny_model_dir, tmp_path):
 
 def test_base_model_loaded_once_across_leaves_and_instances(tiny_model_dir):
     ftmod.clear_base_cache()
-    loads = ftmod.base_model_loads()
     ev = Evaluator(batch_size=32)
     prompts, responses = _task(16)
     eval_set = _eval_set(*_task(8, seed=9))
     eval_set.append({"example_id": "gen", "domain": "d2", "prompt": "red cat", "answer": "cat"})  # generated
     a = _finetuner(tiny_model_dir, epochs=1)
     b = _finetuner(tiny_model_dir, epochs=1, r=4)  # another LoRA recipe: a second adapter on the same base
-    s1, r1 = train_and_evaluate(a, ev, prompts[:8], responses[:8], eval_set, seed=0)
-    s2, r2 = train_and_evaluate(a, ev, prompts[8:], responses[8:], eval_set, seed=0)
-    s3, r3 = train_and_evaluate(b, ev, prompts, responses, eval_set, seed=0)
-    assert ftmod.base_model_loads() - loads == 1
+    with counting_base_loads() as loads:
+        s1, r1 = train_and_evaluate(a, ev, prompts[:8], responses[:8], eval_set, seed=0)
+        s2, r2 = train_and_evaluate(a, ev, prompts[8:], responses[8:], eval_set, seed=0)
+        s3, r3 = train_and_evaluate(b, ev, prompts, responses, eval_set, seed=0)
+    assert len(loads) == 1
     assert a._ensure()[0] is b._ensure()[0] and a.adapter_name != b.adapter_name
     # the same leaf measured twice gives the same result (the adapter is reset first)
     s1b, r1b = train_and_evaluate(a, ev, prompts[:8], responses[:8], eval_set, seed=0)
@@ -193,13 +194,14 @@ def test_cpu_fallback_and_dagster_resource(tiny_model_dir):
     prompts, responses = _task(8)
 
     @dg.asset
-    def leaf(finetuner: LoraFinetuner) -> dg.MaterializeResult:
+    def leaf(finetuner: FinetunerResource) -> dg.MaterializeResult:
         stats = finetuner.train(prompts, responses)
         return dg.MaterializeResult(metadata={"steps": stats.steps})
 
     res = dg.materialize(
         [leaf],
-        resources={"finetuner": LoraFinetuner(base_model=str(tiny_model_dir), device=Device(device="auto"), epochs=1)},
+        resources={"finetuner": FinetunerResource(base_model=str(tiny_model_dir), device=DeviceResource(device="auto"),
+                                                  epochs=1)},
     )
     assert res.success
     mats = res.asset_materializations_for_node("leaf")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from test_stages import HIERARCHY, LORA, make_eval_set, make_pool
+from helpers import HIERARCHY, LORA, counting_base_loads, make_eval_set, make_pool
 
 from harp.entry import HarpResult, harp
 from harp.models.device import Device
-from harp_resources import finetuner as ftmod
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -69,10 +68,10 @@ def _run(model_dir, train=None, X=None, eval_set=None, **kw) -> HarpResult:
 
 def test_harp_end_to_end_is_deterministic_and_documented(tiny_model_dir):
     lines: list[str] = []
-    loads = ftmod.base_model_loads()
-    first = _run(tiny_model_dir, log=lines.append)
-    second = _run(tiny_model_dir, train=pl.DataFrame(make_pool()[0]), device="cpu")
-    assert ftmod.base_model_loads() - loads <= 1  # both calls share one loaded base model
+    with counting_base_loads() as loads:
+        first = _run(tiny_model_dir, log=lines.append)
+        second = _run(tiny_model_dir, train=pl.DataFrame(make_pool()[0]), device="cpu")
+    assert len(loads) <= 1  # both calls share one loaded base model
     info = first.info
     assert INFO_KEYS <= set(info)
     n = len(make_pool()[0])
@@ -170,7 +169,7 @@ def test_harp_rejects_a_different_tokenizer(tiny_model_dir):
             ValueError,
             r"unknown hierarchy setting\(s\) \['leaves'\]",
         ),
-        ({"hierarchy_config": {"leaf_size": 0}}, ValueError, "leaf_size must be a positive integer"),
+        ({"hierarchy_config": {"leaf_size": 0}}, ValueError, "leaf_size must be an integer >= 1"),
         (
             {"lora_config": {"separator": "\n"}, "evaluator_config": {"separator": " | "}},
             ValueError,
@@ -180,7 +179,6 @@ def test_harp_rejects_a_different_tokenizer(tiny_model_dir):
     ],
 )
 def test_harp_rejects_bad_inputs_before_loading_a_model(tiny_model_dir, change, error, message):
-    loads = ftmod.base_model_loads()
-    with pytest.raises(error, match=message):
+    with counting_base_loads() as loads, pytest.raises(error, match=message):
         _run(tiny_model_dir, **change)
-    assert ftmod.base_model_loads() == loads
+    assert loads == []

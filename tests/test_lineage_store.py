@@ -21,6 +21,7 @@ from harp.lineage import (
     selection_id_for,
     validate,
 )
+from harp_resources import LineageResource
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -536,14 +537,15 @@ def test_resource_inside_a_dagster_materialisation(store: LineageStore) -> None:
     leaves = dg.StaticPartitionsDefinition(["L1", "L2"])
 
     @dg.asset(partitions_def=leaves)
-    def leaf_utility(context: dg.AssetExecutionContext, lineage: LineageStore) -> dg.MaterializeResult:
+    def leaf_utility(context: dg.AssetExecutionContext, lineage: LineageResource) -> dg.MaterializeResult:
         key = context.partition_key
         path = lineage.write_partition("leaf_utilities", key, util_rows(key, {"d1": 0.4}, run_id=context.run.run_id))
         lineage.append_run("run_manifests", context.run.run_id, manifest(context.run.run_id))
         lineage.refresh_catalog()
         return dg.MaterializeResult(metadata={"path": str(path)})
 
-    result = dg.materialize([leaf_utility], partition_key="L2", resources={"lineage": store})
+    resource = LineageResource(**store.model_dump())  # the Dagster resource over the same folder
+    result = dg.materialize([leaf_utility], partition_key="L2", resources={"lineage": resource})
     assert result.success
     assert store.query("SELECT leaf_id, run_id FROM leaf_utilities").rows() == [("L2", result.run_id)]
     assert store.query("SELECT run_id FROM run_manifests").rows() == [(result.run_id,)]

@@ -184,7 +184,7 @@ def test_random_selection():
     everything = random_selection(10, 50, seed=1)
     assert sorted(everything.tolist()) == list(range(10))
     assert random_selection(10, 0, seed=1).size == 0
-    with pytest.raises(ValueError, match="budget must be >= 0"):
+    with pytest.raises(ValueError, match="budget must be an integer >= 0"):
         random_selection(10, -1, seed=1)
     with pytest.raises(ValueError, match="n_pool"):
         random_selection(-3, 1, seed=1)

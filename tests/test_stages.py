@@ -3,74 +3,22 @@
 from __future__ import annotations
 
 import logging
-import random
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import TINY_WORDS
+from helpers import HIERARCHY, LORA, counting_base_loads, make_eval_set, make_pool
 
 from harp import stages
 from harp.method import Posteriors
+from harp.models import finetuner as ftmod
 from harp.models.device import Device
 from harp.models.evaluator import Evaluator
 from harp.models.finetuner import LoraFinetuner
-from harp_resources import finetuner as ftmod
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 CPU = Device(device="cpu")
-# Pool templates: (words the prompt is drawn from, the response). Two of them match an eval domain whose
-# right answer is that response; the third is off-task filler.
-TEMPLATES: dict[str, tuple[list[str], str]] = {
-    "greek": (TINY_WORDS[0:4], "dog"),
-    "colors": (TINY_WORDS[4:7], "moon"),
-    "sky": (TINY_WORDS[14:18], "apple"),
-}
-CHOICES = {"greek": ["cat", "dog"], "colors": ["sun", "moon"]}
-HIERARCHY = {"leaf_size": 15, "leaves_per_parent": 2, "parents_per_region": 2}
-LORA = {"r": 4, "lora_alpha": 8, "learning_rate": 1e-2, "epochs": 2, "batch_size": 8}
-
-
-def make_pool(per_template: int = 50, seed: int = 0, dim: int = 16) -> tuple[list[dict], np.ndarray]:
-    """Train examples from the templates, in template blocks, and features clustered by template."""
-    rng = random.Random(seed)
-    nrng = np.random.default_rng(seed)
-    centers = nrng.normal(size=(len(TEMPLATES), dim))
-    rows, feats = [], []
-    for k, (name, (words, response)) in enumerate(TEMPLATES.items()):
-        for i in range(per_template):
-            rows.append(
-                {
-                    "example_id": f"{name}-{i}",
-                    "prompt": " ".join(rng.choices(words, k=4)),
-                    "response": response,
-                }
-            )
-            feats.append(centers[k] + 0.3 * nrng.normal(size=dim))
-    return rows, np.asarray(feats, dtype=np.float32)
-
-
-def make_eval_set(per_domain: int = 12, seed: int = 1) -> list[dict]:
-    """Multiple-choice rows, domains interleaved so that eval order differs from domain order."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(per_domain):
-        for name in ("greek", "colors"):  # "greek" first: sorted domain order is the other way round
-            words, answer = TEMPLATES[name]
-            choices = CHOICES[name] if i % 2 else CHOICES[name][::-1]
-            rows.append(
-                {
-                    "example_id": f"q-{name}-{i}",
-                    "domain": name,
-                    "prompt": " ".join(rng.choices(words, k=4)),
-                    "choices": choices,
-                    "answer": choices.index(answer),
-                }
-            )
-    return rows
-
-
 def make_resources(model_dir, **lora) -> tuple[LoraFinetuner, Evaluator]:
     return LoraFinetuner(base_model=str(model_dir), device=CPU, **(LORA | lora)), Evaluator(batch_size=16)
 
@@ -195,22 +143,22 @@ def test_measure_leaf_aligns_correctness_with_eval_order(tiny_model_dir, pool):
 def test_leaf_loop_loads_the_base_once_and_reports_progress(tiny_model_dir, pool):
     rows, _, hierarchy = pool
     ftmod.clear_base_cache()
-    loads = ftmod.base_model_loads()
     ft, ev = make_resources(tiny_model_dir)
     eval_set = make_eval_set()
-    base = stages.score_base(ft, ev, eval_set)
     lines: list[str] = []
-    out = stages.measure_leaves(
-        ft,
-        ev,
-        hierarchy,
-        [r["prompt"] for r in rows],
-        [r["response"] for r in rows],
-        eval_set,
-        seed=0,
-        log=lines.append,
-    )
-    assert ftmod.base_model_loads() - loads == 1
+    with counting_base_loads() as loads:
+        base = stages.score_base(ft, ev, eval_set)
+        out = stages.measure_leaves(
+            ft,
+            ev,
+            hierarchy,
+            [r["prompt"] for r in rows],
+            [r["response"] for r in rows],
+            eval_set,
+            seed=0,
+            log=lines.append,
+        )
+    assert len(loads) == 1
     reps = hierarchy.representatives.tolist()
     assert sorted(out) == reps
     assert all(out[g].n_train == hierarchy.leaf_sizes[g] for g in reps)

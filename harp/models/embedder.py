@@ -147,10 +147,12 @@ class Embedder(BaseModel):
     @field_validator("device", mode="before")
     @classmethod
     def _device_from_string(cls, value: Any) -> Any:
-        # A plain string ("cpu", "cuda:1", "auto") is accepted for convenience in Python code.
+        # A plain string ("cpu", "cuda:1", "auto") is accepted for convenience in Python code; it becomes the
+        # field's own class (a subclass may declare a richer one).
+        kind = cls.model_fields["device"].annotation
         if value is None:
-            return Device()
-        return Device(device=value) if isinstance(value, str) else value
+            return kind()
+        return kind(device=value) if isinstance(value, str) else value
 
     def report_to(self, logger: Any) -> None:
         """Also send progress to `logger` (anything with `.info`, e.g. a Dagster run's log)."""
