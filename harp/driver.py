@@ -30,6 +30,7 @@ from harp.method import (
     active_domains,
     choose_active_leaves,
 )
+from harp.versions import base_scores_key
 
 # Envelope names of the two HARP selections, by method key.
 ENVELOPES: dict[str, str] = {"harp_c": "conservative", "harp_e": "expansive"}
@@ -182,7 +183,7 @@ def measure_leaf_partitions(
     table = store.load_leaf_table(lineage)
     pool, _ = store.load_pool_artifact(lineage)
     eval_set, _ = store.load_eval_artifact(lineage)
-    base, meta = store.load_base(lineage)
+    base, meta = store.load_base(lineage, base_scores_key(finetuner, evaluator))
     domains = list(meta["domains"])
     b = stages.base_scores(base, domains)
     versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)

@@ -123,11 +123,20 @@ def write_base(lineage: LineageStore, base: EvalResult, meta: dict[str, Any]) ->
     write_json(out / BASE_META, meta)
 
 
-def load_base(lineage: LineageStore) -> tuple[EvalResult, dict]:
-    """The persisted base evaluation (per-example correctness) and its metadata (model id, eval hash, key)."""
+def load_base(lineage: LineageStore, scoring: dict[str, Any] | None = None) -> tuple[EvalResult, dict]:
+    """The persisted base evaluation (per-example correctness) and its metadata (model id, eval hash, key).
+
+    With `scoring` (`harp.versions.base_scores_key` of the models in use), base scores made under another
+    evaluator configuration or dtype are refused: effects would subtract scores of two different scorers.
+    """
     out = artifacts_dir(lineage)
     df = read_parquet(out / BASE_FILE, "base_model_scores")
     meta = read_json(out / BASE_META, "base_model_scores")
+    if scoring is not None and meta.get("scoring") != scoring:
+        raise ValueError(
+            f"the stored base_model_scores were computed with scoring settings {meta.get('scoring')}, but the "
+            f"models in use score with {scoring}: materialise base_model_scores again"
+        )
     result = EvalResult(
         example_ids=df["example_id"].to_list(),
         domains=df["domain"].to_list(),

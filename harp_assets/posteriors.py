@@ -11,6 +11,7 @@ import polars as pl
 
 from harp import driver, store
 from harp.method import active_domains
+from harp.versions import base_scores_key
 from harp_assets.base_scores import base_model_scores
 from harp_assets.checking import check_result
 from harp_assets.groups import SELECT
@@ -56,7 +57,7 @@ def phi_posteriors(
     """
     t0 = time.perf_counter()
     table = store.load_leaf_table(lineage)
-    base, meta = store.load_base(lineage)
+    base, meta = store.load_base(lineage, base_scores_key(finetuner, evaluator))
     domains = list(meta["domains"])
     versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
     fresh_all, stale = store.read_measurements(lineage, versions)

@@ -141,7 +141,7 @@ def build_tiny_demo(root: Path) -> None:
 
 
 def pipeline_resources(root: Path, *, settings: dict | None = None, lora: dict | None = None,
-                       evaluator: dict | None = None) -> dict[str, Any]:
+                       evaluator: dict | None = None, device: dict | None = None) -> dict[str, Any]:
     """The pipeline's resources over the demo under `root`, on one CPU thread."""
     from harp_resources import (
         DeviceResource,
@@ -155,7 +155,7 @@ def pipeline_resources(root: Path, *, settings: dict | None = None, lora: dict |
     )
 
     demo = root / "demo"
-    device = DeviceResource(device="cpu", cpu_threads=1)
+    device = DeviceResource(**{"device": "cpu", "cpu_threads": 1, **(device or {})})
     recipe = {**LORA, **(lora or {})}
     return {
         "pool_source": PoolSourceResource(pool_path=str(root / "pool"), eval_path=str(demo / "eval.jsonl")),

@@ -122,7 +122,10 @@ def test_webserver_lists_assets_and_launches_a_materialisation(user_env, webserv
     nodes = client._execute(ASSETS_QUERY)["assetNodes"]
     keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
     assert GRAPH | VALIDATION <= keys, sorted((GRAPH | VALIDATION) - keys)
-    assert {n["groupName"] for n in nodes if "/".join(n["assetKey"]["path"]) in GRAPH} == {"harp"}
+    groups = {"/".join(n["assetKey"]["path"]): n["groupName"] for n in nodes}
+    assert {groups[k] for k in GRAPH} == {"prepare", "measure", "select"}
+    assert groups["leaf_utilities"] == "measure" and groups["pool_examples"] == "prepare"
+    assert groups["phi_posteriors"] == groups["lineage_catalog"] == "select"
     assert {n["groupName"] for n in nodes if "/".join(n["assetKey"]["path"]) in VALIDATION} == {"validation"}
 
     run_id = client.submit_job_execution("__ASSET_JOB", asset_selection=[[k] for k in CHEAP])
