@@ -182,3 +182,53 @@ def test_harp_rejects_bad_inputs_before_loading_a_model(tiny_model_dir, change, 
     with counting_base_loads() as loads, pytest.raises(error, match=message):
         _run(tiny_model_dir, **change)
     assert loads == []
+
+
+NO_DAGSTER = r'''
+import importlib.abc, json, sys
+
+class NoDagster(importlib.abc.MetaPathFinder):
+    """This process has no Dagster: any import of it (or of the packages built on it) fails."""
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"dagster", "dagster_graphql", "dagster_webserver", "harp_assets", "harp_resources"}:
+            raise ImportError(f"{name} is not installed here")
+        return None
+
+sys.meta_path.insert(0, NoDagster())
+sys.path.insert(0, sys.argv[2])
+import torch
+torch.set_num_threads(1)
+from helpers import HIERARCHY, LORA, make_eval_set, make_pool
+from harp import harp
+rows, feats = make_pool()
+result = harp(feats, sys.argv[1], rows, make_eval_set(), TOP_K_POINTS=40, lora_config=dict(LORA),
+              hierarchy_config=dict(HIERARCHY), seed=0, device="cpu", n_boot=50)
+assert not [m for m in sys.modules if m.split(".")[0] == "dagster"]
+print(json.dumps({"harp_c": result.harp_c.tolist(), "harp_e": result.harp_e.tolist()}))
+'''
+
+
+def test_harp_runs_where_dagster_cannot_be_imported(tiny_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "no_dagster.py"
+    script.write_text(NO_DAGSTER)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    here = _run(tiny_model_dir)
+    assert got == {"harp_c": here.harp_c.tolist(), "harp_e": here.harp_e.tolist()}
+
+
+def test_harp_active_rounds_measure_more_leaves_through_the_same_driver(tiny_model_dir):
+    plain = _run(tiny_model_dir)
+    active = _run(tiny_model_dir, active_runs=2, active_rounds=1)
+    reps = plain.info["n_train_eval_runs"]
+    assert active.info["n_train_eval_runs"] == reps + 2
+    assert set(plain.info["measured_leaves"].tolist()) < set(active.info["measured_leaves"].tolist())
+    assert active.info["config"]["active_runs"] == 2 and active.info["config"]["active_rounds"] == 1
