@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from harp.contracts import load_eval_set, load_pool  # noqa: E402
+from harp.io import atomic_write, write_text  # noqa: E402
 from harp.models.evaluator import Evaluator  # noqa: E402
 from harp.models.finetuner import LoraFinetuner, train_and_evaluate  # noqa: E402
 from harp_demo.build import DEMO_LORA, DemoPaths, build_demo  # noqa: E402
@@ -85,9 +86,9 @@ def sets_from_hierarchy(
     """Embed the pool, build the hierarchy, then sample `per_kind` leaves per (domain, kind) among the leaves
     whose largest group is that (domain, kind); uniformly, so typical leaves are measured, not the largest."""
     from harp.method.hierarchy import build_parent_leaf_hierarchy
-    from harp.models.embedder import EmbedderResource
+    from harp.models.embedder import Embedder
 
-    emb = EmbedderResource(device="cpu")
+    emb = Embedder(device="cpu")
     pool_sha = paths.read_manifest()["files"][paths.pool.name][:12]
     cache = paths.root / f"embeddings-{emb.model_id}-pool{pool_sha}.npy"  # stale if the pool changes
     t0 = time.perf_counter()
@@ -95,9 +96,8 @@ def sets_from_hierarchy(
         X = np.load(cache)
     else:
         X = emb.embed([p + "\n" + r for p, r in zip(pool["prompt"], pool["response"], strict=True)])
-        tmp = cache.with_name(cache.name + ".tmp.npy")
-        np.save(tmp, X)
-        os.replace(tmp, cache)
+        with atomic_write(cache) as fh:
+            np.save(fh, X)
     t_embed = time.perf_counter() - t0
     h = build_parent_leaf_hierarchy(X, leaf_size=leaf_size, seed=seed, use_gpu=False)
     t_hier = time.perf_counter() - t0 - t_embed
@@ -260,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "base_test": base_test.per_domain if base_test else None,
             "sets": rows, "summary": summary, "checks": checks, "hierarchy_purity": purity,
         }
-        p = Path(args.json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2, default=float))
-        os.replace(tmp, p)
+        write_text(Path(args.json_path), json.dumps(out, indent=2, default=float))
     return 0 if all(checks.values()) else 1
 
 

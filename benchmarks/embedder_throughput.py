@@ -11,11 +11,9 @@ Texts are synthetic prompt+response pairs with a wide, seeded length distributio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harp.models.device import DeviceResource  # noqa: E402
-from harp.models.embedder import EmbedderResource, mean_pool_normalise  # noqa: E402
+from harp.io import write_json
+from harp.models.device import Device  # noqa: E402
+from harp.models.embedder import Embedder, mean_pool_normalise  # noqa: E402
 
 _WORDS = (
     "the model data train example answer question explain step result value function number list "
@@ -49,7 +48,7 @@ def synthetic_texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def raw_forward_s(emb: EmbedderResource, texts: list[str]) -> tuple[float, float, int]:
+def raw_forward_s(emb: Embedder, texts: list[str]) -> tuple[float, float, int]:
     """Wall and process-CPU seconds for forward + pooling alone over pre-built, sorted, padded batches."""
     tok, model, spec = emb.tokenizer, emb.encoder, emb.device_spec
     ids = tok(texts, truncation=True, max_length=emb.max_length, return_attention_mask=False)["input_ids"]
@@ -95,7 +94,7 @@ def main() -> None:
 
     texts = synthetic_texts(args.n, args.seed)
     kw = {"model": args.model} if args.model else {}
-    emb = EmbedderResource(device=DeviceResource(device=args.device), batch_size=args.batch_size,
+    emb = Embedder(device=Device(device=args.device), batch_size=args.batch_size,
                            max_length=args.max_length, **kw)  # fmt: skip
     emb.embed(texts[:32])  # load and warm up
     threads = [int(t) for t in args.threads.split(",") if t.strip()] or [torch.get_num_threads()]
@@ -157,11 +156,7 @@ def main() -> None:
     }
     if args.json_path:
         target = Path(args.json_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2)
-        os.replace(tmp, target)
+        write_json(target, result)
         print(f"wrote {target}")
 
 

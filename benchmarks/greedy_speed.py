@@ -24,11 +24,9 @@ in [0.05, 0.95], so some domains saturate and the clip is exercised.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harp.io import write_json
 from harp.method.envelopes import ENVELOPES, greedy_taskaware  # noqa: E402
 
 _ARRAYS_READ = {"conservative": 2, "expansive": 1}
@@ -95,17 +94,6 @@ def time_greedy(phi, base, envelope, repeats, **kwargs) -> dict[str, float | int
     }
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "dtype": "float64",
         }
-        _write_json_atomic(args.json, payload)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

@@ -14,9 +14,10 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from harp.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,18 +89,6 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, payload: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _use_gpu(value: str) -> bool | str:
@@ -165,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{lo}/{med}/{hi}  ({r['device']}, {r['faiss_threads']} threads, "
               f"load {r['loadavg_1min_at_start']})", flush=True)
     if args.json is not None:
-        _write_json_atomic(args.json, {"benchmark": "hierarchy_speed", "results": results})
+        write_json(args.json, {"benchmark": "hierarchy_speed", "results": results})
         print(f"wrote {args.json}")
     return 0
 

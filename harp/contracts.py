@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+
+from harp import io
+from harp.io import atomic_write
 
 log = logging.getLogger("harp.data")
 
@@ -368,33 +370,14 @@ def _check_domains(df: pl.DataFrame, root: Path, domains: Sequence[str], where: 
 
 
 # ---- atomic writers ---------------------------------------------------------------------------------------
-def _atomic_target(path: str | os.PathLike[str]) -> tuple[Path, str]:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return target, tmp
-
-
 def write_jsonl(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `df` as JSON Lines, atomically (readers never see a half-written file)."""
-    target, tmp = _atomic_target(path)
-    try:
-        df.write_ndjson(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_write(path) as fh:
+        df.write_ndjson(fh)
+    return Path(path)
 
 
 def write_parquet(df: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `df` as Parquet, atomically."""
-    target, tmp = _atomic_target(path)
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    io.write_parquet(df, path)
+    return Path(path)

@@ -15,7 +15,13 @@ from harp import driver, store
 from harp.models.device import Device
 from harp.models.evaluator import Evaluator
 from harp.models.finetuner import LoraFinetuner
-from harp.versions import NOT_MEASUREMENT, base_scores_key, leaf_data_version, measurement_config, measurement_key
+from harp.versions import (
+    NOT_MEASUREMENT,
+    base_scores_key,
+    leaf_data_version,
+    measurement_config,
+    measurement_key,
+)
 from harp_assets.runner import run_leaf_ranges
 from harp_resources import DeviceResource, EvaluatorResource, FinetunerResource
 

@@ -13,13 +13,14 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from harp.io import atomic_write
 
 # Row order of every table: HARP first, then the oracle it is measured against, then the baselines.
 METHODS: tuple[str, ...] = ("harp_c", "harp_e", "harp_active", "exhaustive", "tsds", "random", "full")
@@ -750,17 +751,9 @@ def plot_harmful_redundant(summary: Mapping[str, Any], path: Path) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temp file in the same folder, then ``os.replace``: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Readers see the old report file or the new one, never half (`harp.io.atomic_write`)."""
+    with atomic_write(path) as fh:
+        write(fh)
 
 
 def _jsonable(value: Any, where: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from harp.validate import check_int
+from harp.validate import check_int, check_matrix
 
 logger = logging.getLogger("harp.ann")
 
@@ -42,24 +42,7 @@ def to_euclidean(sq_distances: np.ndarray) -> np.ndarray:
 
 def _as_matrix(a: Any, name: str) -> np.ndarray:
     """``a`` as float32, C-contiguous and 2-D, after checking shape and finiteness (faiss needs float32)."""
-    arr = np.asarray(a)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (rows x dim), got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(f"{name} has non-finite values in {rows.size} row(s), first rows {rows[:5].tolist()}")
-    bad = (np.abs(arr) > np.finfo(np.float32).max).any(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(
-            f"{name} overflows float32 in {rows.size} row(s), first rows {rows[:5].tolist()} (faiss searches in float32)"
-        )
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return check_matrix(a, name, np.float32)
 
 
 def default_nlist(n: int) -> int:

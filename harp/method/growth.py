@@ -33,14 +33,13 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from harp.io import write_npz
 from harp.method.hierarchy import (
     Hierarchy,
     UseGpu,
@@ -339,18 +338,8 @@ class LeafTable:
     # ---- persistence -------------------------------------------------------------------------
 
     def to_npz(self, path: str | os.PathLike[str]) -> None:
-        """Write the table atomically (temp file in the same folder, then ``os.replace``); no pickles."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **{k: getattr(self, k) for k in self._ARRAYS}, format=np.str_(_FORMAT))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write the table atomically (`harp.io.write_npz`); no pickles."""
+        write_npz(path, **{k: getattr(self, k) for k in self._ARRAYS}, format=np.str_(_FORMAT))
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str]) -> LeafTable:

@@ -23,16 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import faiss
 import numpy as np
 
+from harp.io import write_npz
 from harp.method.ann import faiss_gpu_available
 from harp.validate import check_int
 
@@ -265,23 +264,9 @@ class Hierarchy:
     )
 
     def save_npz(self, path: str | os.PathLike[str]) -> None:
-        """Write the hierarchy atomically (temp file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    **{k: getattr(self, k) for k in self._ARRAYS},
-                    seed=np.int64(self.seed),
-                    device=np.str_(self.device),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write the hierarchy atomically (`harp.io.write_npz`)."""
+        write_npz(path, **{k: getattr(self, k) for k in self._ARRAYS}, seed=np.int64(self.seed),
+                  device=np.str_(self.device))
 
     @classmethod
     def load_npz(cls, path: str | os.PathLike[str]) -> Hierarchy:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from harp.method.ann import build_index
-from harp.validate import check_int
+from harp.validate import check_int, check_matrix
 
 logger = logging.getLogger("harp.tsds")
 
@@ -54,19 +54,7 @@ class TsdsSelection:
 
 
 def _embeddings(a: Any, name: str) -> np.ndarray:
-    arr = np.asarray(a)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (rows x dim), got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise ValueError(f"{name} has non-finite values in {rows.size} row(s), first rows {rows[:5].tolist()}")
-    return arr
+    return check_matrix(a, name, np.float64)
 
 
 def _real(value: Any, name: str) -> float:
