@@ -16,10 +16,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
+
+if TYPE_CHECKING:  # polars loads on first use, so the method core (numpy, faiss) stays light
+    import polars as pl
 
 TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
@@ -86,6 +88,8 @@ def read_parquet(path: Path, what: str) -> pl.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: materialise the {what} asset first")
+    import polars as pl
+
     with open(path, "rb") as fh:  # one handle, so a concurrent os.replace cannot mix two versions
         return pl.read_parquet(fh)
 
