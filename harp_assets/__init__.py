@@ -1,2 +1,5 @@
-"""HARP as a Dagster project: the method core (`harp.method`), the demo benchmark
-(`harp_assets.demo`) and the asset graph built on them."""
+"""The HARP code location: the asset graph, its jobs, sensors, schedule and checks (`definitions.py`).
+
+The method, the models and the stage sequence live in the `harp` library; this package only wires them
+into Dagster.
+"""
