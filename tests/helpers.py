@@ -112,18 +112,31 @@ def counting_base_loads() -> Iterator[list[str]]:
 # The tiny pipeline
 # --------------------------------------------------------------------------------------------------------
 
+# The tiny demo plants strong effects: 4 facts per domain, so a leaf of about 100 examples states each of its
+# facts about 4 times; a base model that has just learned the practice lookups (so LoRA picks up new facts
+# quickly, and entity numbers are single tokens); leaves of 60 that split the pool into a harmful-and-filler
+# region and a clean one. Measured on seed 0: 7 leaves, 3 representatives (one all harmful, phi < 0 on most
+# domains; two clean, phi up to +0.8), harp_c and harp_e both select 100 examples and none harmful. The
+# base model's step count is a narrow window: 250 or 400 steps give effects too weak for that.
 POOL = 400  # examples in the first pool file
 GROWTH = 40  # examples kept back for a growth step (written as a second pool file by the tests that grow)
 BUDGET = 100
-SETTINGS = dict(leaf_size=50, leaves_per_parent=4, parents_per_region=2, n_representatives=1, top_k_points=BUDGET,
+SETTINGS = dict(leaf_size=60, leaves_per_parent=2, parents_per_region=2, n_representatives=1, top_k_points=BUDGET,
                 n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80)
-LORA = dict(r=8, epochs=4, batch_size=16, max_length=96, learning_rate=1e-2)
+LORA = dict(r=8, epochs=12, batch_size=16, max_length=96, learning_rate=1e-2)
 
 
 def tiny_base() -> Any:
     from harp_demo.build import BaseModelConfig
 
-    return BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=150, batch_size=16)
+    return BaseModelConfig(vocab_size=2000, n_layer=1, n_head=2, n_embd=64, n_positions=128, steps=300,
+                           batch_size=16, lr=1e-2)
+
+
+def tiny_data() -> Any:
+    from harp_demo.generator import DemoDataConfig
+
+    return DemoDataConfig(keys_per_domain=4, practice_keys_per_domain=4, pretrain_sentences=4000)
 
 
 def build_tiny_demo(root: Path) -> None:
@@ -133,7 +146,7 @@ def build_tiny_demo(root: Path) -> None:
 
     from harp_demo.build import build_demo
 
-    demo = build_demo(root / "demo", pool_size=POOL + GROWTH, seed=0, model=tiny_base())
+    demo = build_demo(root / "demo", pool_size=POOL + GROWTH, seed=0, data=tiny_data(), model=tiny_base())
     full = pl.read_parquet(demo.pool)
     (root / "pool").mkdir()
     full.head(POOL).write_parquet(root / "pool" / "part-000.parquet")

@@ -31,10 +31,10 @@ GRAPH = {"pool_examples", "proxy_eval_set", "example_embeddings", "leaf_hierarch
 VALIDATION = {"exhaustive_selection", "selection_validation"}
 
 
-@pytest.fixture(scope="module")
-def user_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A temporary instance (the repo's dagster.yaml plus a run coordinator that needs no daemon) and demo."""
-    root = tmp_path_factory.mktemp("cli")
+@pytest.fixture
+def user_env(tmp_path: Path) -> dict:
+    """This test's own instance (the repo's dagster.yaml plus a run coordinator that needs no daemon) and demo."""
+    root = tmp_path
     home = root / "dagster_home"
     home.mkdir()
     config = (REPO / "dagster_home" / "dagster.yaml").read_text()
