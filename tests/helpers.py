@@ -123,7 +123,7 @@ GROWTH = 40  # examples kept back for a growth step (written as a second pool fi
 BUDGET = 100
 SETTINGS = dict(leaf_size=60, leaves_per_parent=2, parents_per_region=2, n_representatives=1, top_k_points=BUDGET,
                 n_boot=50, tsds_K=10, tsds_K_kde=10, z_active=0.0, max_leaf_size=80)
-LORA = dict(r=8, epochs=12, batch_size=16, max_length=96, learning_rate=1e-2)
+PIPELINE_LORA = dict(r=8, epochs=12, batch_size=16, max_length=96, learning_rate=1e-2)
 
 
 def tiny_base() -> Any:
@@ -169,7 +169,7 @@ def pipeline_resources(root: Path, *, settings: dict | None = None, lora: dict |
 
     demo = root / "demo"
     device = DeviceResource(**{"device": "cpu", "cpu_threads": 1, **(device or {})})
-    recipe = {**LORA, **(lora or {})}
+    recipe = {**PIPELINE_LORA, **(lora or {})}
     return {
         "pool_source": PoolSourceResource(pool_path=str(root / "pool"), eval_path=str(demo / "eval.jsonl")),
         "lineage": LineageResource(),
