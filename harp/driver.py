@@ -23,6 +23,7 @@ from harp import stages, store
 from harp.config import HarpSettings
 from harp.lineage import LineageStore
 from harp.method import (
+    ActiveRound,
     HarpSelection,
     Hierarchy,
     MainEffects,
@@ -101,7 +102,7 @@ def select_envelopes(
 
 def plan_active_round(
     post: Posteriors, base_scores: Any, hierarchy: Hierarchy, settings: HarpSettings, *, runs: int | None = None
-) -> np.ndarray:
+) -> ActiveRound:
     """The next round's leaf indices: unmeasured leaves the primary envelope's selection relies on first,
     then those with the largest posterior sd times possible gain (`method.active`)."""
     n = settings.active_runs if runs is None else runs
@@ -109,46 +110,39 @@ def plan_active_round(
     current = stages.select_harp(post, base_scores, hierarchy, envelope=settings.primary_envelope,
                                  top_k_points=settings.top_k_points, z_active=settings.z_active)
     selected = np.unique(np.asarray(current.leaf_of_row, dtype=np.int64))
-    pick = choose_active_leaves(post.mean, post.sd, post.measured, n, active, z=settings.active_z, selected=selected)
-    return pick
+    return choose_active_leaves(post.mean, post.sd, post.measured, n, active, z=settings.active_z, selected=selected)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Round:
-    """One measuring round: the leaves it measured and what the refit after it returned."""
+    """One measuring round: the leaves it measured (round 0: the representatives) and its wall seconds."""
 
-    number: int  # 0: the representatives
+    number: int
     leaves: list[Any]
-    result: Any = None
-    seconds: float = 0.0
+    seconds: float
 
 
 def drive_rounds(
     first: Sequence[Any],
     measure: Callable[[Sequence[Any]], None],
-    refit: Callable[[int], Sequence[Any] | tuple[Sequence[Any], Any]],
+    refit: Callable[[int], Sequence[Any]],
     *,
     max_rounds: int,
 ) -> list[Round]:
     """Measure `first`, refit, then measure each round's leaves that `refit` returns, up to `max_rounds` rounds.
 
     `refit(round_number)` fits the posteriors on everything measured so far and returns the next round's
-    leaves (empty: stop), optionally with a result kept on the round. Returns the rounds in order; the last
-    fit is the one a caller selects from.
+    leaves (empty: stop). Returns the rounds in order; the last fit is the one a caller selects from.
     """
     rounds: list[Round] = []
     leaves = list(first)
-    number = 0
     while True:
         t0 = time.perf_counter()
         measure(leaves)
-        got = refit(number)
-        nxt, result = (got if isinstance(got, tuple) else (got, None))
-        rounds.append(Round(number=number, leaves=leaves, result=result, seconds=time.perf_counter() - t0))
-        nxt = list(nxt)
-        if not nxt or number >= max_rounds:
+        nxt = list(refit(len(rounds)))
+        rounds.append(Round(number=len(rounds), leaves=leaves, seconds=time.perf_counter() - t0))
+        if not nxt or len(rounds) > max_rounds:
             return rounds
-        number += 1
         leaves = nxt
 
 
