@@ -8,6 +8,7 @@ changing a log setting retrains nothing.
 
 from __future__ import annotations
 
+import dagster as dg
 import pytest
 from helpers import copy_of, pipeline_defs, pipeline_resources, trained_leaves
 
@@ -92,12 +93,15 @@ def test_changing_each_field_retrains_every_measured_leaf_and_a_log_setting_none
         reps = set(table.leaf_ids[table.representative].tolist())
 
         def rerun(**overrides) -> tuple[list[str], list[str]]:
-            """(stale representatives before, leaves trained) after prepare + leaf runs with `overrides`."""
+            """(stale representatives before, leaves trained) after base scores + leaf runs with `overrides`."""
             resources = pipeline_resources(copy.root, **overrides)
             r = resources
             stale = driver.stale_harp_leaves(copy.lineage, r["finetuner"], r["evaluator"], r["settings"])
             defs = pipeline_defs(resources)
-            assert defs.resolve_job_def("harp_prepare_job").execute_in_process(instance=copy.instance).success
+            # the base scores first (the evaluator or dtype may have changed them), then HARP's leaves
+            base = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=copy.instance, asset_selection=[dg.AssetKey("base_model_scores")])
+            assert base.success
             runs = run_leaf_ranges(copy.instance, defs, reps)
             assert all(run.success for run in runs)
             return stale, trained_leaves(runs)
