@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,6 @@ class PipelineCopy:
     resources: dict[str, Any]
     defs: Any
     first: TinyPipeline
-    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lineage(self) -> Any:
