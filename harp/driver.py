@@ -160,6 +160,7 @@ class LeafOutcome:
     data_version: str
     examples: int
     seconds: float
+    member_hash: str = ""
     phi: dict[str, float] = field(default_factory=dict)
 
 
@@ -200,7 +201,7 @@ def measure_leaf_partitions(
         dv = versions[key]
         if store.stored_version(lineage, key) == dv:
             yield LeafOutcome(leaf_id=key, trained=False, data_version=dv, examples=int(table.leaf_sizes[g]),
-                              seconds=0.0)
+                              seconds=0.0, member_hash=table.member_hash(g))
             continue
         m = stages.measure_leaf(
             finetuner, evaluator, *stages.leaf_examples(table, prompts, responses, g), eval_set, seed=settings.seed
@@ -208,7 +209,14 @@ def measure_leaf_partitions(
         effects = stages.main_effects({0: m}, base, domains, n_boot=settings.n_boot, seed=settings.seed)
         now = dt.datetime.now(dt.timezone.utc)
         d = len(domains)
-        store.write_leaf_measurement(lineage, key, m.to_frame(), pl.DataFrame({
+        members = table.members(g)
+        member_frame = pl.DataFrame({
+            "leaf_id": [key] * members.size,
+            "example_id": table.example_ids[members].tolist(),
+            "content_hash": table.example_content[members].tolist(),
+            "data_version": [dv] * members.size,
+        })
+        store.write_leaf_measurement(lineage, key, m.to_frame(), member_frame, pl.DataFrame({
             "leaf_id": [key] * d,
             "domain": domains,
             "utility": [float(m.per_domain[x]) for x in domains],
@@ -222,9 +230,10 @@ def measure_leaf_partitions(
             "eval_seconds": [m.eval_seconds] * d,
             "examples": [m.n_train] * d,
             "run_id": [run_id] * d,
+            "member_hash": [table.member_hash(g)] * d,
         }, schema_overrides={"n_eval": pl.Int32, "examples": pl.Int32, "measured_at": pl.Datetime("us", "UTC")}))
         yield LeafOutcome(leaf_id=key, trained=True, data_version=dv, examples=m.n_train, seconds=m.seconds,
-                          phi=dict(zip(domains, effects.phi_hat[0].tolist(), strict=True)))
+                          member_hash=table.member_hash(g), phi=dict(zip(domains, effects.phi_hat[0].tolist(), strict=True)))
 
 
 def stale_harp_leaves(lineage: LineageStore, finetuner: Any, evaluator: Any, settings: HarpSettings) -> list[str]:

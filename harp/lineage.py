@@ -17,6 +17,7 @@ Layout (defaults; `root` and `duckdb_path` are configurable)::
 
     $DAGSTER_HOME/harp/<table>/<table>@<stamp>.parquet       whole tables: examples, leaves, phi_posteriors
     $DAGSTER_HOME/harp/leaf_utilities/<leaf_id>@<stamp>.parquet      one file per leaf partition
+    $DAGSTER_HOME/harp/measured_members/<leaf_id>@<stamp>.parquet    the member set each measurement used
     $DAGSTER_HOME/harp/selections/<selection_id>@<stamp>.parquet     history: one file per selection run
     $DAGSTER_HOME/harp/run_manifests/<run_id>@<stamp>.parquet        history: one file per pipeline run
     $DAGSTER_HOME/harp.duckdb       the catalog (views only): next to root, named after it
@@ -62,6 +63,7 @@ SCHEMAS: dict[str, pl.Schema] = {
             "region_id": pl.String,
             "rank_in_leaf": pl.Int32,
             "added_at": UTC_US,
+            "content_hash": pl.String,
         }
     ),
     "leaves": pl.Schema(
@@ -90,6 +92,15 @@ SCHEMAS: dict[str, pl.Schema] = {
             "eval_seconds": pl.Float64,
             "examples": pl.Int32,
             "run_id": pl.String,
+            "member_hash": pl.String,
+        }
+    ),
+    "measured_members": pl.Schema(
+        {
+            "leaf_id": pl.String,
+            "example_id": pl.String,
+            "content_hash": pl.String,
+            "data_version": pl.String,
         }
     ),
     "phi_posteriors": pl.Schema(
@@ -174,6 +185,7 @@ TABLE_KINDS: dict[str, str] = {
     "leaves": "table",
     "phi_posteriors": "table",
     "leaf_utilities": "partition",
+    "measured_members": "partition",
     "selections": "history",
     "run_manifests": "history",
     "active_rounds": "history",
@@ -183,6 +195,7 @@ TABLE_KINDS: dict[str, str] = {
 # The column whose value a keyed file's rows must all carry, so a file name never disagrees with its rows.
 KEY_COLUMNS: dict[str, str] = {
     "leaf_utilities": "leaf_id",
+    "measured_members": "leaf_id",
     "selections": "selection_id",
     "run_manifests": "run_id",
     "active_rounds": "round_id",
@@ -191,10 +204,13 @@ KEY_COLUMNS: dict[str, str] = {
 
 # Columns that may hold nulls; every other column must be filled.
 NULLABLE: dict[str, frozenset[str]] = {
-    "examples": frozenset(),
+    # Tables written before content hashing have no content hash.
+    "examples": frozenset({"content_hash"}),
     "leaves": frozenset(),
-    # Timings and the Dagster run id are unknown when a measurement is imported or run outside Dagster.
-    "leaf_utilities": frozenset({"bootstrap_sd", "train_seconds", "eval_seconds", "run_id"}),
+    # Timings and the Dagster run id are unknown when a measurement is imported or run outside Dagster;
+    # measurements stored before member sets were recorded have no member hash.
+    "leaf_utilities": frozenset({"bootstrap_sd", "train_seconds", "eval_seconds", "run_id", "member_hash"}),
+    "measured_members": frozenset(),
     "phi_posteriors": frozenset(),
     # Random selection has no gain; a baseline without a utility model predicts nothing.
     "selections": frozenset({"gain", "predicted_utility", "run_id"}),
@@ -210,6 +226,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "examples": ("example_id",),
     "leaves": ("leaf_id",),
     "leaf_utilities": ("leaf_id", "domain"),
+    "measured_members": ("leaf_id", "example_id"),
     "phi_posteriors": ("leaf_id", "domain"),
     "selections": ("selection_id", "example_id"),
     "run_manifests": ("run_id",),
@@ -297,6 +314,38 @@ ORDER BY change, example_id
 
 # Extra views in the catalog, built from the table views.
 CONVENIENCE_VIEWS: dict[str, str] = {
+    # One row per current leaf with a stored measurement: the member set the measurement was made on (its
+    # hash and data version) against the leaf's members now, over (example id, content hash) pairs.
+    # drift = (members added + members removed) / measured size; 0 means the measurement is exact.
+    "leaf_drift": """
+WITH m AS (
+    SELECT leaf_id, example_id, content_hash FROM measured_members
+    WHERE leaf_id IN (SELECT leaf_id FROM leaves)
+), c AS (
+    SELECT leaf_id, example_id, coalesce(content_hash, '') AS content_hash FROM examples
+    WHERE leaf_id IN (SELECT leaf_id FROM m)
+), j AS (
+    SELECT coalesce(m.leaf_id, c.leaf_id) AS leaf_id, m.example_id IS NOT NULL AS in_measured,
+           c.example_id IS NOT NULL AS in_current
+    FROM m FULL OUTER JOIN c
+      ON m.leaf_id = c.leaf_id AND m.example_id = c.example_id AND m.content_hash = c.content_hash
+), d AS (
+    SELECT leaf_id, count(*) FILTER (WHERE in_measured) AS measured_size,
+           count(*) FILTER (WHERE in_current AND NOT in_measured) AS members_added,
+           count(*) FILTER (WHERE in_measured AND NOT in_current) AS members_removed
+    FROM j GROUP BY leaf_id
+), u AS (
+    SELECT leaf_id, any_value(member_hash) AS measured_member_hash, any_value(data_version) AS data_version,
+           max(measured_at) AS measured_at
+    FROM leaf_utilities GROUP BY leaf_id
+)
+SELECT l.leaf_id, l.parent_id, l.is_representative, l.member_hash AS current_member_hash,
+       u.measured_member_hash, u.data_version, u.measured_at, d.measured_size, l.size AS current_size,
+       d.members_added, d.members_removed,
+       (d.members_added + d.members_removed) / d.measured_size::DOUBLE AS drift
+FROM d JOIN leaves AS l ON l.leaf_id = d.leaf_id LEFT JOIN u ON u.leaf_id = d.leaf_id
+ORDER BY l.leaf_id
+""".strip(),
     # One row per selection run.
     "selection_runs": """
 SELECT selection_id, method, min(created_at) AS created_at, any_value(pool_version) AS pool_version,

@@ -27,15 +27,19 @@ import numpy as np
 import polars as pl
 
 from harp.method import (
+    GrowthResult,
     HarpSelection,
     Hierarchy,
+    LeafTable,
     MainEffects,
     Posteriors,
     TsdsSelection,
     bootstrap_main_effects,
     build_parent_leaf_hierarchy,
     fit_posteriors,
+    grow_leaf_table,
     harp_select,
+    leaf_table_from_hierarchy,
     random_selection,
     tsds_select,
 )
@@ -179,6 +183,64 @@ def build_hierarchy(X_feat: Any, *, seed: int = 0, config: Mapping[str, Any] | N
             f"unknown hierarchy setting(s) {unknown}{hint}; valid settings are {list(HIERARCHY_KEYS)}"
         )
     return build_parent_leaf_hierarchy(X_feat, seed=seed, **cfg)
+
+
+@dataclass(frozen=True)
+class LeafTableUpdate:
+    """The leaf table for the current pool and how it came about.
+
+    `how`: built (first time), unchanged, grown (examples only added), updated (some removed or edited:
+    `growth` says which leaves), or rebuilt (`reason` says why; every cached measurement goes stale).
+    """
+
+    table: LeafTable
+    how: str
+    growth: GrowthResult | None = None
+    reason: str | None = None
+
+
+def update_leaf_table(
+    previous: LeafTable | None,
+    X: np.ndarray,
+    example_ids: Sequence[str],
+    content: Sequence[str],
+    *,
+    seed: int,
+    config: Mapping[str, Any],
+    max_leaf_size: int,
+    frozen: Sequence[str] = (),
+    rebuild_reason: str | None = None,
+) -> LeafTableUpdate:
+    """The leaf table for a pool that may have changed since `previous` was made.
+
+    Measured leaves (`frozen`) keep their member sets exactly: examples that arrive near them gather in
+    delta leaves (`harp.method.growth`), so a pool that grows retrains nothing it already measured, and a
+    removed or edited example makes only its own leaf stale. Only another embedding dimension (or a
+    `rebuild_reason` from the caller, such as an unreadable table) builds the tree again.
+    """
+    ids = np.asarray(list(example_ids), dtype=str)
+    hashes = np.asarray(list(content), dtype=str)
+
+    def build(how: str, reason: str | None) -> LeafTableUpdate:
+        h = build_hierarchy(X, seed=seed, config=config)
+        return LeafTableUpdate(leaf_table_from_hierarchy(h, ids, hashes), how, None, reason)
+
+    if previous is None:
+        return build("rebuilt", rebuild_reason) if rebuild_reason else build("built", None)
+    if previous.dim != X.shape[1]:
+        return build("rebuilt", f"the embedding dimension changed ({previous.dim} -> {X.shape[1]})")
+    same_rows = previous.n_examples == ids.size and set(zip(previous.example_ids.tolist(),
+                                                            previous.example_content.tolist(), strict=True)) == set(
+        zip(ids.tolist(), hashes.tolist(), strict=True))
+    if same_rows:
+        return LeafTableUpdate(previous, "unchanged")
+    live = set(previous.leaf_ids.tolist())
+    growth = grow_leaf_table(
+        previous, X, ids, content_all=hashes, frozen=[f for f in frozen if f in live],
+        max_leaf_size=max_leaf_size, n_representatives=int(config.get("n_representatives", 1)), seed=seed,
+    )
+    how = "grown" if growth.n_removed == growth.n_edited == 0 else "updated"
+    return LeafTableUpdate(growth.table, how, growth)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -154,10 +154,25 @@ def correctness_path(lineage: LineageStore, leaf_id: str) -> Path:
     return artifacts_dir(lineage) / "leaf_correct" / f"{leaf_id}.parquet"
 
 
-def write_leaf_measurement(lineage: LineageStore, leaf_id: str, correct: pl.DataFrame, rows: pl.DataFrame) -> None:
-    """Per-example correctness first, then the partition's lineage rows (whose data version marks it done)."""
+def write_leaf_measurement(
+    lineage: LineageStore, leaf_id: str, correct: pl.DataFrame, members: pl.DataFrame, rows: pl.DataFrame
+) -> None:
+    """Per-example correctness and the member set first, then the partition's lineage rows (whose data
+    version marks it done)."""
     write_parquet(correct, correctness_path(lineage, leaf_id))
+    lineage.write_partition("measured_members", leaf_id, members)
     lineage.write_partition("leaf_utilities", leaf_id, rows)
+
+
+def measured_leaf_ids(lineage: LineageStore) -> set[str]:
+    """Leaf ids with a stored measurement (current or stale): growth keeps their member sets frozen."""
+    return set(lineage.partition_keys("leaf_utilities"))
+
+
+def leaf_drift(lineage: LineageStore) -> pl.DataFrame:
+    """The catalog's `leaf_drift` view: each measured current leaf's measured member set against its members
+    now (written by the hierarchy step), with drift = (added + removed) / measured size."""
+    return lineage.query("SELECT * FROM leaf_drift")
 
 
 def leaf_versions(lineage: LineageStore, finetuner: Any, evaluator: Any, seed: int) -> dict[str, str]:

@@ -57,6 +57,15 @@ def base_model_id(model_dir: str | os.PathLike) -> str:
     return sha16("dir", config.read_text(), weights)
 
 
+def content_hashes(prompts: list[str], responses: list[str]) -> list[str]:
+    """Per-example content hash (prompt and response): an edited example gets another, so its leaf's
+    member hash, and with it the leaf's data version, changes."""
+    return [
+        hashlib.sha256(f"{p}\x1f{r}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+
+
 def eval_set_hash(eval_set: pl.DataFrame) -> str:
     """Content hash of the proxy eval set, independent of row order."""
     rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in eval_set.to_dicts())

@@ -1,8 +1,10 @@
 """The leaf hierarchy under stable string leaf ids, and the `leaves` dynamic partitions that follow it.
 
-First build: cluster the pool (`stages.build_hierarchy`). Later builds keep the persisted leaf table and fold
-new examples in (`grow_leaf_table`), so a leaf that gained nothing keeps its id, member hash and cached
-utility. A pool that lost examples, or embeddings of another dimension, forces a fresh build.
+First build: cluster the pool (`stages.build_hierarchy`). Later builds keep the persisted leaf table and update
+it (`stages.update_leaf_table`): measured leaves keep their member sets, so their cached utilities stay exact;
+new examples near them gather in delta leaves; a removed or edited example makes only its own leaf stale.
+Each measured leaf's drift (how far its members moved since its measurement) goes to the `leaves` table and,
+for leaves that changed, onto the leaf's partition in the UI as an observation.
 """
 
 
@@ -15,9 +17,8 @@ import numpy as np
 import polars as pl
 
 from harp import stages, store
-from harp.config import HarpSettings
-from harp.method import LeafTable, grow_leaf_table, leaf_table_from_hierarchy
-from harp.versions import sha16
+from harp.method import LeafTable, LeafTableFormatError
+from harp.versions import content_hashes, sha16
 from harp_assets.checking import check_result
 from harp_assets.embeddings import example_embeddings
 from harp_assets.groups import PREPARE
@@ -25,6 +26,7 @@ from harp_assets.sources import pool_examples
 from harp_resources import LineageResource, SettingsResource
 
 LEAVES_PARTITIONS = dg.DynamicPartitionsDefinition(name="leaves")
+LEAF_UTILITIES_KEY = dg.AssetKey("leaf_utilities")
 
 
 def partition_order(table: LeafTable) -> list[str]:
@@ -34,43 +36,51 @@ def partition_order(table: LeafTable) -> list[str]:
     return reps + rest
 
 
-def _build(X: np.ndarray, ids: np.ndarray, settings: HarpSettings) -> LeafTable:
-    h = stages.build_hierarchy(X, seed=settings.seed, config=settings.hierarchy_config())
-    return leaf_table_from_hierarchy(h, ids)
+def _drift_observations(drift: pl.DataFrame, changed: set[str]) -> list[dg.AssetObservation]:
+    """One observation per measured leaf whose members changed, shown on its `leaf_utilities` partition."""
+    out = []
+    for row in drift.filter(pl.col("leaf_id").is_in(changed)).iter_rows(named=True):
+        current = row["current_member_hash"]
+        out.append(dg.AssetObservation(
+            asset_key=LEAF_UTILITIES_KEY,
+            partition=row["leaf_id"],
+            metadata={
+                "measured_member_hash": row["measured_member_hash"] or "",
+                "current_member_hash": current,
+                "drift": round(float(row["drift"]), 4),
+                "members_added": int(row["members_added"]),
+                "members_removed": int(row["members_removed"]),
+                "measurement_stale": current != row["measured_member_hash"],
+            },
+        ))
+    return out
 
 
 @dg.asset(group_name=PREPARE, kinds={"faiss", "numpy"}, deps=[example_embeddings, pool_examples])
 def leaf_hierarchy(
     context: dg.AssetExecutionContext, settings: SettingsResource, lineage: LineageResource
 ) -> dg.MaterializeResult:
-    """Region -> parent -> leaf tree over the pool; leaf ids stay stable as the pool grows."""
+    """Region -> parent -> leaf tree over the pool; measured leaves keep their members as the pool changes."""
     t0 = time.perf_counter()
     pool, version = store.load_pool_artifact(lineage)
     ids, X, model_id = store.load_embeddings(lineage)
     if ids.tolist() != pool["example_id"].to_list():
         raise ValueError("embeddings and pool disagree on the example ids: materialise example_embeddings again")
+    content = content_hashes(pool["prompt"].to_list(), pool["response"].to_list())
     path = store.leaf_table_path(lineage)
-    how, growth = "built", None
+    previous, reason = None, None
     if path.is_file():
-        old = LeafTable.from_npz(path)
-        old_ids, new_ids = set(old.example_ids.tolist()), set(ids.tolist())
-        if old.dim != X.shape[1] or not old_ids <= new_ids:
-            context.log.warning(
-                f"rebuilding the hierarchy: {len(old_ids - new_ids)} example(s) left the pool or the embedding "
-                f"dimension changed ({old.dim} -> {X.shape[1]}); cached leaf utilities will not match"
-            )
-            table = _build(X, ids, settings)
-            how = "rebuilt"
-        elif old_ids == new_ids:
-            table, how = old, "unchanged"
-        else:
-            growth = grow_leaf_table(
-                old, X, ids, max_leaf_size=settings.max_leaf_size,
-                n_representatives=settings.n_representatives, seed=settings.seed,
-            )
-            table, how = growth.table, "grown"
-    else:
-        table = _build(X, ids, settings)
+        try:
+            previous = LeafTable.from_npz(path)
+        except LeafTableFormatError as exc:
+            reason = f"the stored leaf table has another format ({exc})"
+    update = stages.update_leaf_table(
+        previous, X, ids.tolist(), content, seed=settings.seed, config=settings.hierarchy_config(),
+        max_leaf_size=settings.max_leaf_size, frozen=sorted(store.measured_leaf_ids(lineage)), rebuild_reason=reason,
+    )
+    if update.reason:
+        context.log.warning(f"rebuilding the hierarchy: {update.reason}; cached leaf utilities will not match")
+    table, how, growth = update.table, update.how, update.growth
     table.to_npz(path)
 
     # Lineage tables: leaves and examples (examples keep the time they first joined).
@@ -107,22 +117,25 @@ def leaf_hierarchy(
             pl.lit(version).alias("pool_version"),
             pl.col("added_at").fill_null(pl.lit(now).cast(pl.Datetime("us", "UTC"))),
         )
+        .join(pl.DataFrame({"example_id": table.example_ids.tolist(),
+                            "content_hash": table.example_content.tolist()}), on="example_id", how="left")
     )
     lineage.write_table("examples", examples)
+    drift = store.leaf_drift(lineage)
 
     order = partition_order(table)
     known = set(context.instance.get_dynamic_partitions(LEAVES_PARTITIONS.name))
     fresh = [k for k in order if k not in known]
     if fresh:
         context.instance.add_dynamic_partitions(LEAVES_PARTITIONS.name, fresh)
-    # Leaves retired by a split (or a rebuild) leave the partition list; their stored rows stay as history.
+    # Leaves retired (split, emptied, or a rebuild) leave the partition list; their stored rows stay as history.
     retired = sorted(known - set(order))
     for key in retired:
         context.instance.delete_dynamic_partition(LEAVES_PARTITIONS.name, key)
     reps = [k for k in order if k in set(table.leaf_ids[table.representative].tolist())]
     store.write_hierarchy_meta(lineage, {
         "how": how, "pool_version": version, "embedder": model_id, "representatives": reps,
-        "changed": growth.changed if growth else None,
+        "changed": growth.changed if growth else None, "reason": update.reason,
     })
     meta = {
         "how": how,
@@ -137,8 +150,15 @@ def leaf_hierarchy(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if growth is not None:
-        meta.update(added_examples=growth.n_added, leaves_grown=len(growth.grown), leaves_split=len(growth.split),
-                    leaves_new=len(growth.new), leaves_unchanged=len(growth.unchanged))
+        meta.update(added_examples=growth.n_added, removed_examples=growth.n_removed,
+                    edited_examples=growth.n_edited, leaves_grown=len(growth.grown),
+                    leaves_shrunk=len(growth.shrunk), leaves_split=len(growth.split),
+                    leaves_retired=len(growth.retired), leaves_new=len(growth.new),
+                    delta_leaves_opened=len(growth.delta), examples_deferred_to_delta_leaves=growth.deferred,
+                    leaves_unchanged=len(growth.unchanged))
+        for obs in _drift_observations(drift, set(growth.changed)):
+            context.log_event(obs)
+    meta["measured_leaves_drifted"] = int((drift["drift"] > 0).sum())
     return dg.MaterializeResult(
         metadata=meta,
         data_version=dg.DataVersion(sha16(table.leaf_ids.tolist(), table.member_hashes().tolist())),

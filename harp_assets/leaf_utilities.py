@@ -56,6 +56,8 @@ def leaf_utilities(
                 "trained": leaf.trained,
                 "data_version": leaf.data_version,
                 "examples": leaf.examples,
+                # The member set this measurement stands for; the hierarchy reports drift from it later.
+                "member_hash": leaf.member_hash,
                 "train_eval_seconds": round(leaf.seconds, 3),
                 "phi": dg.MetadataValue.json({d: round(v, 4) for d, v in leaf.phi.items()}),
                 "step_partition": f"{progress.count}/{len(keys)}",

@@ -10,7 +10,13 @@ import os
 import numpy as np
 import pytest
 
-from harp.method.growth import GrowthResult, LeafTable, grow_leaf_table, leaf_table_from_hierarchy
+from harp.method.growth import (
+    GrowthResult,
+    LeafTable,
+    LeafTableFormatError,
+    grow_leaf_table,
+    leaf_table_from_hierarchy,
+)
 from harp.method.hierarchy import Hierarchy, build_parent_leaf_hierarchy
 
 DIM = 16
@@ -118,7 +124,7 @@ def test_growth_partition_and_old_rows_keep_their_leaf(base, grown):
     # bookkeeping covers every leaf exactly once
     assert sorted(res.unchanged + res.grown + res.new) == sorted(t2.leaf_ids.tolist())
     assert set(res.unchanged) | set(res.grown) | set(res.split) == set(t.leaf_ids.tolist())
-    assert res.changed == res.grown + res.new
+    assert res.changed == sorted(res.grown + res.new)
 
 
 def test_untouched_leaves_keep_id_hash_centroid_order(base, grown):
@@ -176,20 +182,16 @@ def test_oversized_leaf_splits_into_new_children(base, grown):
         assert t2.leaf_sizes[t2.index_of(leaf_id)] <= grown["max_leaf"]
 
 
-def test_representatives_rechosen_only_in_split_parents(base, grown):
+def test_representatives_survive_growth_and_parents_recompute_centroids(base, grown):
     _, _, _, t = base
     res, t2 = grown["res"], grown["res"].table
-    split_parent = int(t.parent_of_leaf[grown["target"]])
-    assert res.reselected_parents == [str(t.parent_ids[split_parent])]
+    target_was_rep = bool(t.representative[grown["target"]])
     for p in range(t.n_parents):
         old = t.leaf_ids[(t.parent_of_leaf == p) & t.representative].tolist()
         new = t2.leaf_ids[(t2.parent_of_leaf == p) & t2.representative].tolist()
-        if p != split_parent:
+        if not target_was_rep or p != int(t.parent_of_leaf[grown["target"]]):
             assert new == old
-        else:
-            leaves = np.flatnonzero(t2.parent_of_leaf == p)
-            sim = t2.leaf_centroids[leaves].astype(np.float64) @ t2.parent_centroids[p].astype(np.float64)
-            assert new == [str(t2.leaf_ids[leaves[np.argmax(sim)]])]
+    assert res.reselected_parents == ([str(t.parent_ids[t.parent_of_leaf[grown["target"]]])] if target_was_rep else [])
     # a parent that gained examples gets a recomputed centroid; one that did not keeps it exactly
     Xn = unit(grown["X_all"])
     gained_parents = {int(t.parent_of_leaf[t.index_of(x)]) for x in [*res.grown, *res.split]}
@@ -201,18 +203,30 @@ def test_representatives_rechosen_only_in_split_parents(base, grown):
             assert np.array_equal(t2.parent_centroids[p], t.parent_centroids[p])
 
 
-def test_n_representatives_applies_in_split_parent(base, grown):
-    _, _, _, t = base
-    res = grow_leaf_table(
-        t, grown["X_all"], grown["ids_all"], max_leaf_size=grown["max_leaf"], n_representatives=2, seed=3,
-        use_gpu=False,
-    )
-    p = int(t.parent_of_leaf[grown["target"]])
-    t2 = res.table
+@pytest.mark.parametrize("n_reps", [1, 2])
+def test_a_parent_whose_representative_splits_refills_by_centroid(base, n_reps):
+    """Only the split representative's slot is refilled: the nearest leaf to the parent centroid that is
+    not already a representative, by hand from the grown table's centroids."""
+    X, ids, _, t0 = base
+    reps0 = t0.representative.copy()
+    if n_reps == 2:  # give every parent a second representative so both slots exist before growth
+        for p in range(t0.n_parents):
+            leaves = np.flatnonzero((t0.parent_of_leaf == p) & ~reps0)
+            reps0[leaves[:1]] = True
+    t = dataclasses.replace(t0, representative=reps0)
+    g = int(np.flatnonzero(t.representative)[np.argmax(t.leaf_sizes[t.representative])])
+    max_leaf = int(t.leaf_sizes[g]) + 5
+    X_new = growth_rows(X, t, g, n_tight=40, n_spread=0, seed=8)
+    res = grow_leaf_table(t, np.vstack([X, X_new]), np.r_[ids, [f"n{i}" for i in range(40)]],
+                          max_leaf_size=max_leaf, n_representatives=n_reps, seed=3, use_gpu=False)
+    t2, p = res.table, int(t.parent_of_leaf[g])
+    assert str(t.leaf_ids[g]) in res.split and res.reselected_parents == [str(t.parent_ids[p])]
+    kept = [x for x in t.leaf_ids[(t.parent_of_leaf == p) & t.representative].tolist() if x != t.leaf_ids[g]]
     leaves = np.flatnonzero(t2.parent_of_leaf == p)
-    sim = t2.leaf_centroids[leaves].astype(np.float64) @ t2.parent_centroids[p].astype(np.float64)
-    expect = sorted(t2.leaf_ids[leaves[np.argsort(-sim, kind="stable")[:2]]].tolist())
-    assert sorted(t2.leaf_ids[leaves[t2.representative[leaves]]].tolist()) == expect
+    cand = [k for k in leaves.tolist() if str(t2.leaf_ids[k]) not in kept]
+    sim = [float(t2.leaf_centroids[k].astype(np.float64) @ t2.parent_centroids[p].astype(np.float64)) for k in cand]
+    best = str(t2.leaf_ids[cand[int(np.argmax(sim))]])
+    assert sorted(t2.leaf_ids[leaves[t2.representative[leaves]]].tolist()) == sorted([*kept, best])
 
 
 def test_growth_is_deterministic_and_independent_of_pool_order(base, grown):
@@ -339,12 +353,16 @@ def test_npz_round_trip_and_corruption(base, grown, tmp_path):
     arrays = {k: getattr(t2, k) for k in LeafTable._ARRAYS}
     bad_ids = t2.leaf_ids.copy()
     bad_ids[1] = bad_ids[0]
-    np.savez(tmp_path / "dup.npz", **{**arrays, "leaf_ids": bad_ids}, format=np.str_("harp-leaf-table-v1"))
+    np.savez(tmp_path / "dup.npz", **{**arrays, "leaf_ids": bad_ids}, format=np.str_("harp-leaf-table-v2"))
     with pytest.raises(ValueError, match=r"dup\.npz.*duplicate id.*" + str(bad_ids[0])):
         LeafTable.from_npz(tmp_path / "dup.npz")
     np.savez(tmp_path / "partial.npz", leaf_ids=t2.leaf_ids)
     with pytest.raises(ValueError, match=r"partial\.npz.*missing arrays"):
         LeafTable.from_npz(tmp_path / "partial.npz")
+    # a table of the earlier format (no content hashes) is refused as such, so callers can rebuild
+    np.savez(tmp_path / "old.npz", **arrays, format=np.str_("harp-leaf-table-v1"))
+    with pytest.raises(LeafTableFormatError, match=r"old\.npz.*'harp-leaf-table-v1'"):
+        LeafTable.from_npz(tmp_path / "old.npz")
 
 
 def test_check_catches_broken_tables(base):
@@ -397,9 +415,10 @@ def test_bad_growth_input_is_named(base):
     X, ids, _, t = base
     extra = X[:3] + 0.01
     X_all, ids_all = np.vstack([X, extra]), np.r_[ids, ["a", "b", "c"]]
-    with pytest.raises(ValueError, match=r"lacks 2 example id.*'ex00007'.*'ex00010'"):
-        keep = ~np.isin(ids_all, ["ex00007", "ex00010"])
-        grow_leaf_table(t, X_all[keep], ids_all[keep], max_leaf_size=50, use_gpu=False)
+    with pytest.raises(ValueError, match=r"frozen names leaf id.*'nope'"):
+        grow_leaf_table(t, X_all, ids_all, max_leaf_size=50, frozen=["nope", str(t.leaf_ids[0])], use_gpu=False)
+    with pytest.raises(ValueError, match="content_all has 2 entries but there are 603"):
+        grow_leaf_table(t, X_all, ids_all, max_leaf_size=50, content_all=["a", "b"], use_gpu=False)
     with pytest.raises(ValueError, match="15 dims but the leaf table's centroids have 16"):
         grow_leaf_table(t, X_all[:, :15], ids_all, max_leaf_size=50, use_gpu=False)
     with pytest.raises(ValueError, match="603 rows but example_ids_all has 602"):
@@ -417,3 +436,163 @@ def test_bad_growth_input_is_named(base):
     for kw in ({"max_leaf_size": 0}, {"max_leaf_size": 50, "n_representatives": 0}, {"max_leaf_size": 50, "seed": -1}):
         with pytest.raises(ValueError, match="max_leaf_size|n_representatives|seed"):
             grow_leaf_table(t, X_all, ids_all, use_gpu=False, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Removed and edited examples, frozen leaves and delta leaves
+# --------------------------------------------------------------------------------------------------
+
+
+def contents(ids: np.ndarray) -> np.ndarray:
+    return np.asarray([f"c-{e}" for e in ids.tolist()])
+
+
+@pytest.fixture(scope="module")
+def tracked(base):
+    """The base table with content hashes, so edits can be told apart."""
+    X, ids, h, _ = base
+    return leaf_table_from_hierarchy(h, ids, contents(ids))
+
+
+def test_content_is_part_of_the_member_hash(base, tracked):
+    _, ids, _, t = base
+    g = 3
+    entries = sorted(f"{e}\x1fc-{e}" for e in tracked.member_ids(g).tolist())
+    assert tracked.member_hash(g) == hashlib.sha256("\x00".join(entries).encode()).hexdigest()[:16]
+    assert t.member_hash(g) == manual_hash(t.member_ids(g).tolist())  # ids only without content
+
+
+def test_removed_examples_invalidate_exactly_their_leaves(base, tracked):
+    X, ids, _, t = base
+    gone = [int(t.members(2)[0]), int(t.members(7)[1])]
+    emptied = 9  # every member of leaf 9 leaves too
+    drop = np.r_[gone, t.members(emptied)]
+    keep = np.setdiff1d(np.arange(N), drop)
+    res = grow_leaf_table(tracked, X[keep], ids[keep], content_all=contents(ids[keep]), max_leaf_size=100,
+                          use_gpu=False)
+    t2 = res.table
+    assert res.n_removed == drop.size and res.n_added == res.n_edited == 0
+    assert res.shrunk == [str(tracked.leaf_ids[2]), str(tracked.leaf_ids[7])]
+    assert res.retired == [str(tracked.leaf_ids[emptied])] and not res.grown and not res.new
+    assert res.changed == res.shrunk
+    assert_partition(t2)
+    for leaf_id in res.unchanged:
+        a, b = tracked.index_of(leaf_id), t2.index_of(leaf_id)
+        assert t2.member_hash(b) == tracked.member_hash(a)
+        assert np.array_equal(t2.leaf_centroids[b], tracked.leaf_centroids[a])
+    for leaf_id in res.shrunk:
+        members = t2.member_ids(t2.index_of(leaf_id)).tolist()
+        expect = [e for e in tracked.member_ids(tracked.index_of(leaf_id)).tolist() if e not in ids[gone]]
+        assert sorted(members) == sorted(expect)
+        assert t2.member_hash(t2.index_of(leaf_id)) == hashlib.sha256(
+            "\x00".join(f"{e}\x1fc-{e}" for e in sorted(expect)).encode()).hexdigest()[:16]
+    assert str(tracked.leaf_ids[emptied]) not in set(t2.leaf_ids.tolist())
+
+
+def test_an_edited_example_leaves_its_leaf_and_arrives_again(base, tracked):
+    X, ids, _, t = base
+    row = int(t.members(4)[0])
+    new_content = contents(ids)
+    new_content[row] = "edited"
+    X2 = X.copy()
+    X2[row] = X[int(t.members(11)[0])]  # its new text sits where leaf 11's members are
+    res = grow_leaf_table(tracked, X2, ids, content_all=new_content, max_leaf_size=100, use_gpu=False)
+    t2 = res.table
+    assert (res.n_edited, res.n_added, res.n_removed) == (1, 0, 0)
+    assert str(tracked.leaf_ids[4]) in res.shrunk
+    dest = t2.leaf_ids[t2.leaf_index_of_row[row]]
+    assert dest in res.grown and dest != tracked.leaf_ids[4]
+    assert set(res.changed) == {str(tracked.leaf_ids[4]), str(dest)}
+    # without content tracking the same edit goes unseen: ids alone did not change
+    same = grow_leaf_table(tracked, X2, ids, max_leaf_size=100, use_gpu=False)
+    assert same.changed == [] and same.n_edited == 0
+
+
+def test_frozen_leaves_take_no_member_and_arrivals_gather_in_delta_leaves(base, tracked):
+    X, ids, _, t = base
+    frozen = tracked.leaf_ids[tracked.representative].tolist()
+    rng = np.random.default_rng(12)
+    X_new = X[rng.integers(0, N, 120)] + 0.05 * rng.standard_normal((120, DIM)).astype(np.float32)
+    ids_new = np.asarray([f"g1-{i:03d}" for i in range(120)])
+    X_all, ids_all = np.vstack([X, X_new]), np.r_[ids, ids_new]
+    res = grow_leaf_table(tracked, X_all, ids_all, content_all=contents(ids_all), frozen=frozen,
+                          max_leaf_size=100, use_gpu=False)
+    t2 = res.table
+    assert_partition(t2)
+    for leaf_id in frozen:  # exact: same members, hash and centroid
+        a, b = tracked.index_of(leaf_id), t2.index_of(leaf_id)
+        assert t2.member_hash(b) == tracked.member_hash(a) and t2.representative[b]
+        assert np.array_equal(t2.leaf_centroids[b], tracked.leaf_centroids[a])
+    # by hand: arrivals whose nearest leaf is frozen sit in the delta leaf of that leaf's parent
+    nearest = np.argmax(unit(X_new) @ tracked.leaf_centroids.T.astype(np.float64), axis=1)
+    to_delta = tracked.representative[nearest]
+    assert res.deferred == int(to_delta.sum()) > 0
+    parents = sorted({int(tracked.parent_of_leaf[g]) for g in nearest[to_delta]})
+    assert res.delta == [f"{tracked.parent_ids[p]}d1" for p in parents]
+    got = t2.leaf_ids[t2.leaf_index_of_row[N:]]
+    for i in np.flatnonzero(to_delta):
+        assert got[i] == f"{tracked.parent_ids[tracked.parent_of_leaf[nearest[i]]]}d1"
+    for i in np.flatnonzero(~to_delta):
+        assert got[i] == tracked.leaf_ids[nearest[i]]
+    for d in res.delta:
+        k = t2.index_of(d)
+        assert not t2.representative[k] and d.startswith(str(t2.parent_ids[t2.parent_of_leaf[k]]))
+
+
+def test_delta_ids_are_never_made_twice(base, tracked):
+    """An open delta leaf takes later arrivals; once measured (frozen) or emptied, the next one is d2, d3."""
+    X, ids, _, t = base
+    rep = int(np.flatnonzero(tracked.representative)[0])
+    p = str(tracked.parent_ids[tracked.parent_of_leaf[rep]])
+    near = tracked.leaf_centroids[rep]
+    rng = np.random.default_rng(3)
+
+    def batch(tag: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return (near + 0.01 * rng.standard_normal((n, DIM))).astype(np.float32), np.asarray(
+            [f"{tag}{i}" for i in range(n)])
+
+    frozen = [str(tracked.leaf_ids[rep])]
+    Xa, ia = batch("a", 5)
+    X1, i1 = np.vstack([X, Xa]), np.r_[ids, ia]
+    r1 = grow_leaf_table(tracked, X1, i1, content_all=contents(i1), frozen=frozen, max_leaf_size=100, use_gpu=False)
+    assert r1.delta == [f"{p}d1"]
+    Xb, ib = batch("b", 4)
+    X2, i2 = np.vstack([X1, Xb]), np.r_[i1, ib]
+    r2 = grow_leaf_table(r1.table, X2, i2, content_all=contents(i2), frozen=frozen, max_leaf_size=100,
+                         use_gpu=False)
+    assert r2.delta == [] and f"{p}d1" in r2.grown  # the open delta leaf took them
+    assert r2.table.leaf_sizes[r2.table.index_of(f"{p}d1")] == 9
+    # d1 measured now: new arrivals near the representative open d2
+    Xc, ic = batch("c", 3)
+    X3, i3 = np.vstack([X2, Xc]), np.r_[i2, ic]
+    r3 = grow_leaf_table(r2.table, X3, i3, content_all=contents(i3), frozen=[*frozen, f"{p}d1"],
+                         max_leaf_size=100, use_gpu=False)
+    assert r3.delta == [f"{p}d2"] and f"{p}d1" in r3.unchanged
+    # d2's members all leave: it is retired, and the next delta leaf is d3, never d2 again
+    keep = ~np.isin(i3, ic)
+    r4 = grow_leaf_table(r3.table, X3[keep], i3[keep], content_all=contents(i3[keep]), frozen=frozen,
+                         max_leaf_size=100, use_gpu=False)
+    assert r4.retired == [f"{p}d2"]
+    X5, i5 = np.vstack([X3[keep], Xc]), np.r_[i3[keep], np.asarray([f"e{i}" for i in range(3)])]
+    r5 = grow_leaf_table(r4.table, X5, i5, content_all=contents(i5), frozen=[*frozen, f"{p}d1"],
+                         max_leaf_size=100, use_gpu=False)
+    assert r5.delta == [f"{p}d3"]
+    # the counter persists with the table
+    assert int(r5.table.delta_count[list(r5.table.parent_ids).index(p)]) == 3
+
+
+def test_a_parent_left_without_leaves_is_dropped(base, tracked):
+    X, ids, _, t = base
+    p = 1
+    rows = np.flatnonzero(tracked.parent_of_leaf[tracked.leaf_index_of_row] == p)
+    keep = np.setdiff1d(np.arange(N), rows)
+    res = grow_leaf_table(tracked, X[keep], ids[keep], content_all=contents(ids[keep]), max_leaf_size=100,
+                          use_gpu=False)
+    assert res.removed_parents == [str(tracked.parent_ids[p])]
+    assert sorted(res.retired) == sorted(tracked.leaf_ids[tracked.parent_of_leaf == p].tolist())
+    t2 = res.table
+    assert str(tracked.parent_ids[p]) not in t2.parent_ids.tolist() and t2.n_parents == tracked.n_parents - 1
+    assert_partition(t2)
+    for leaf_id in res.unchanged:
+        assert t2.parent_ids[t2.parent_of_leaf[t2.index_of(leaf_id)]] == tracked.parent_ids[
+            tracked.parent_of_leaf[tracked.index_of(leaf_id)]]

@@ -124,9 +124,11 @@ def test_second_run_with_nothing_changed_trains_no_leaf(pipeline):
     assert os.path.isfile(lineage.catalog_path)
 
 
-def test_pool_growth_trains_only_new_or_changed_representatives(pipeline):
+def test_pool_growth_keeps_measured_leaves_exact_and_trains_none(pipeline):
     lineage = pipeline.lineage
-    before = {(r["leaf_id"], r["member_hash"]) for r in lineage.read_table("leaves").iter_rows(named=True)}
+    before = {r["leaf_id"]: r["member_hash"] for r in lineage.read_table("leaves").iter_rows(named=True)}
+    measured = set(lineage.partition_keys("leaf_utilities"))
+    assert measured
     pipeline.grow()
     res = run_harp(pipeline.instance, pipeline.defs)
     assert res["select"].success
@@ -134,13 +136,59 @@ def test_pool_growth_trains_only_new_or_changed_representatives(pipeline):
     assert (emb["embedded_new"], emb["cached"]) == (GROWTH, POOL)
     hier = metadata(res["prepare"], "leaf_hierarchy")
     assert hier["how"] == "grown" and hier["added_examples"] == GROWTH
-    after = lineage.read_table("leaves")
-    changed_reps = [r["leaf_id"] for r in after.iter_rows(named=True)
-                    if r["is_representative"] and (r["leaf_id"], r["member_hash"]) not in before]
-    assert sorted(trained_leaves(res["leaf_runs"])) == sorted(changed_reps)
-    print(f"\ngrowth: {hier['leaves']} leaves, {hier.get('leaves_split')} split, {len(changed_reps)} of "
-          f"{hier['representatives']} representatives retrained")
-    assert set(pipeline.instance.get_dynamic_partitions("leaves")) == set(after["leaf_id"].to_list())
-    assert hier["retired_partitions"] == hier["leaves_split"]
+    after = {r["leaf_id"]: r["member_hash"] for r in lineage.read_table("leaves").iter_rows(named=True)}
+    # every measured leaf keeps its exact member set, so nothing trains; arrivals near them wait in delta leaves
+    assert {leaf: after[leaf] for leaf in measured} == {leaf: before[leaf] for leaf in measured}
+    assert trained_leaves(res["leaf_runs"]) == []
+    assert hier["examples_deferred_to_delta_leaves"] > 0 and hier["delta_leaves_opened"] >= 1
+    deltas = [leaf for leaf in after if "d" in leaf[1:]]
+    assert len(deltas) >= hier["delta_leaves_opened"]
+    print(f"\ngrowth: {hier['leaves']} leaves, {hier['delta_leaves_opened']} delta leaves opened for "
+          f"{hier['examples_deferred_to_delta_leaves']} of {GROWTH} new examples, 0 leaves retrained")
+    drift = lineage.query("SELECT * FROM leaf_drift")
+    assert sorted(drift["leaf_id"].to_list()) == sorted(measured)
+    assert drift["drift"].to_list() == [0.0] * len(measured)
+    assert drift["measured_member_hash"].to_list() == drift["current_member_hash"].to_list()
+    # delta leaves are inferred, not measured, in the new posteriors
+    post = lineage.query("SELECT leaf_id, bool_or(measured) AS m FROM phi_posteriors GROUP BY leaf_id")
+    inferred = dict(zip(post["leaf_id"].to_list(), post["m"].to_list(), strict=True))
+    assert all(inferred[d] is False for d in deltas)
+    assert set(pipeline.instance.get_dynamic_partitions("leaves")) == set(after)
     assert lineage.query("SELECT count(*) AS n FROM examples")["n"][0] == POOL + GROWTH
     assert lineage.query("SELECT count(*) AS n FROM phi_posteriors WHERE NOT isfinite(mean)")["n"][0] == 0
+
+
+def test_edited_and_removed_examples_retrain_exactly_their_leaves(pipeline):
+    """Planted edits: one example of one measured leaf gets another response, one of another measured leaf
+    leaves the pool. Exactly those two leaves are stale and retrain; their drift shows on their partitions."""
+    import polars as pl
+
+    lineage = pipeline.lineage
+    examples = lineage.read_table("examples")
+    measured = sorted(lineage.partition_keys("leaf_utilities"))
+    edited_leaf, shrunk_leaf = measured[0], measured[1]
+    edit_id = examples.filter(pl.col("leaf_id") == edited_leaf)["example_id"][0]
+    drop_id = examples.filter(pl.col("leaf_id") == shrunk_leaf)["example_id"][0]
+    part = pipeline.root / "pool" / "part-000.parquet"
+    pool = pl.read_parquet(part)
+    pool = pool.filter(pl.col("example_id") != drop_id).with_columns(
+        pl.when(pl.col("example_id") == edit_id).then(pl.lit("an edited answer")).otherwise(pl.col("response"))
+        .alias("response"))
+    pool.write_parquet(part)
+    res = run_harp(pipeline.instance, pipeline.defs)
+    assert res["select"].success
+    hier = metadata(res["prepare"], "leaf_hierarchy")
+    assert (hier["how"], hier["edited_examples"], hier["removed_examples"]) == ("updated", 1, 1)
+    assert sorted(trained_leaves(res["leaf_runs"])) == sorted([edited_leaf, shrunk_leaf])
+    # the drift seen by the prepare run, on each leaf's partition
+    obs = {e.event_specific_data.asset_observation.partition: e.event_specific_data.asset_observation.metadata
+           for e in res["prepare"].get_asset_observation_events()}
+    assert set(obs) == {edited_leaf, shrunk_leaf}
+    for leaf in (edited_leaf, shrunk_leaf):
+        assert obs[leaf]["members_removed"].value == 1 and obs[leaf]["measurement_stale"].value is True
+        assert obs[leaf]["drift"].value > 0
+    # after retraining, each measurement is exact again, made on the member set now in the leaf
+    drift = lineage.query("SELECT * FROM leaf_drift")
+    assert drift["drift"].to_list() == [0.0] * drift.height
+    members = lineage.query("SELECT example_id FROM measured_members WHERE leaf_id = $leaf", {"leaf": shrunk_leaf})
+    assert drop_id not in members["example_id"].to_list()

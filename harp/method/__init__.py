@@ -15,7 +15,13 @@ from harp.method.envelopes import (
     envelope_objective,
     greedy_taskaware,
 )
-from harp.method.growth import GrowthResult, LeafTable, grow_leaf_table, leaf_table_from_hierarchy
+from harp.method.growth import (
+    GrowthResult,
+    LeafTable,
+    LeafTableFormatError,
+    grow_leaf_table,
+    leaf_table_from_hierarchy,
+)
 from harp.method.hierarchy import (
     Hierarchy,
     assign_to_nearest_leaf,
@@ -51,6 +57,7 @@ __all__ = [
     "Hierarchy",
     "Hyperparameters",
     "LeafTable",
+    "LeafTableFormatError",
     "MainEffects",
     "Posteriors",
     "TsdsResult",

@@ -1,10 +1,19 @@
-"""Leaf identity across pool growth: a persistable leaf table keyed by example ids, and its update.
+"""Leaf identity as the pool changes: a persistable leaf table keyed by example ids, and its update.
 
-Measured leaf utilities are cached per leaf (a Dagster dynamic partition keyed by the leaf id), so
-growing the pool must disturb as few leaves as possible. ``grow_leaf_table`` applies these rules:
+Measured leaf utilities are cached per leaf (a Dagster dynamic partition keyed by the leaf id, whose data
+version is the leaf's member hash plus the model settings), so a changing pool must disturb as few
+measured leaves as possible, and a stored measurement must stay exact for the member set it was made on.
+``grow_leaf_table`` applies these rules:
 
-- every old example keeps its leaf; each new example joins the leaf whose centroid has the largest
-  cosine with it (faiss, exact; ties to the lower leaf index);
+- an example keeps its leaf while its id and content hash are unchanged; a removed example (id gone) and
+  an edited one (same id, other content) leave their leaf, and a leaf left without members is retired;
+- an arriving example (a new id, or an edited one) goes to the leaf whose centroid has the largest cosine
+  with it (faiss, exact; ties to the lower leaf index) among the leaves that still have members, unless
+  that leaf is *frozen* (the caller's list: leaves with a stored measurement). Then it goes to its
+  parent's open *delta leaf* ``<parent id>d<k>`` (the highest-numbered unfrozen one), opened when the
+  parent has none, with ``k`` from a per-parent counter kept in the table. A frozen leaf therefore never
+  gains members, so its measurement stays exact; delta leaves are inferred from their parent and region
+  like any unmeasured leaf until a round decides they are worth measuring;
 - a leaf that gained examples and now holds more than ``max_leaf_size`` is split by seeded spherical
   k-means into ``max(2, ceil(size / target))`` children with ``target = max(1, max_leaf_size // 2)``,
   so children start near half the maximum and can grow again before the next split. k-means clusters
@@ -12,19 +21,19 @@ growing the pool must disturb as few leaves as possible. ``grow_leaf_table`` app
   split again, and a set k-means cannot separate (e.g. duplicates) is cut into equal chunks in
   example-id order. Children are named ``<retired id>s1``, ``s2``, ... numbered by their smallest
   example id, stay in the split leaf's parent, and the split id is retired. A leaf id therefore encodes
-  its whole lineage ("L00007s2s1"), so within one growth history no id is ever reused;
-- a leaf that gained nothing keeps its id, member sequence, centroid and member hash exactly; a leaf
-  that gained (and did not split) keeps its id but gets a new member hash, a recomputed centroid and a
-  recomputed member order;
-- parent centroids are recomputed for parents that gained examples; representatives are re-chosen
-  only in parents that had a split (the ``n_representatives`` leaves nearest the parent centroid, ties
-  by leaf id), other parents keep their flags.
+  its whole lineage ("L00007s2s1", "P0003d2s1"), so within one history no id is ever made twice;
+- a leaf whose members did not change keeps its id, member sequence, centroid and member hash exactly;
+  a leaf that gained or lost members keeps its id but gets a new member hash, a recomputed centroid and
+  a recomputed member order;
+- parent centroids are recomputed for parents whose leaves changed; a parent left without leaves is
+  dropped. A representative keeps its flag while its leaf exists; a parent that lost one (to a split or
+  to emptying) fills the free slots with its leaves nearest the parent centroid (ties by leaf id).
 
 The split of a leaf depends only on its member set and their embeddings (rows are sorted by example id
 before k-means, and the k-means seed comes from the seed and the leaf id), not on the pool's row order.
 
 Centroids are normalised means of the L2-normalised member embeddings, as in the hierarchy. Only the
-embedding rows of new examples and of parents that gained examples are read and validated.
+embedding rows of arriving examples and of parents whose leaves changed are read and validated.
 """
 
 from __future__ import annotations
@@ -53,13 +62,13 @@ from harp.method.hierarchy import (
 )
 from harp.validate import check_int
 
-__all__ = ["GrowthResult", "LeafTable", "grow_leaf_table", "leaf_table_from_hierarchy"]
+__all__ = ["GrowthResult", "LeafTable", "LeafTableFormatError", "grow_leaf_table", "leaf_table_from_hierarchy"]
 
 _HASH_HEX = 16
 # Leaf and parent ids are Dagster partition keys and file-name parts: a conservative character set.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_SHOWN = 10
-_FORMAT = "harp-leaf-table-v1"
+_FORMAT = "harp-leaf-table-v2"
 _BLOCK_ROWS = 32768
 _MIN_MEAN_NORM = 1e-6
 # Offset in the k-means seed path so split seeds never coincide with the hierarchy's own seed paths.
@@ -115,6 +124,10 @@ def _hash_sorted(ids: list[str]) -> str:
     return hashlib.sha256("\x00".join(ids).encode("utf-8")).hexdigest()[:_HASH_HEX]
 
 
+class LeafTableFormatError(ValueError):
+    """A saved leaf table of another format version: rebuild the hierarchy rather than guess."""
+
+
 # --------------------------------------------------------------------------------------------------
 # The table
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +152,10 @@ class LeafTable:
     representative: np.ndarray  # (G,) bool: leaf is measured for its parent
     member_order: np.ndarray  # (n,) int64: rows grouped by leaf, nearest centroid first
     leaf_offsets: np.ndarray  # (G + 1,) int64: CSR offsets into member_order
+    # (n,) str: content hash of each example ("" when only ids are tracked); part of the member hash.
+    example_content: np.ndarray | None = None
+    # (P,) int32: delta leaves ever opened in each parent, so a delta leaf id is never made twice.
+    delta_count: np.ndarray | None = None
 
     _ARRAYS = (
         "example_ids",
@@ -152,6 +169,8 @@ class LeafTable:
         "representative",
         "member_order",
         "leaf_offsets",
+        "example_content",
+        "delta_count",
     )
     _DTYPES = {
         "leaf_index_of_row": np.int32,
@@ -162,10 +181,15 @@ class LeafTable:
         "representative": np.bool_,
         "member_order": np.int64,
         "leaf_offsets": np.int64,
+        "delta_count": np.int32,
     }
 
     def __post_init__(self) -> None:
-        for name in ("example_ids", "leaf_ids", "parent_ids"):
+        if self.example_content is None:
+            object.__setattr__(self, "example_content", np.full(len(self.example_ids), "", dtype="<U1"))
+        if self.delta_count is None:
+            object.__setattr__(self, "delta_count", np.zeros(len(self.parent_ids), dtype=np.int32))
+        for name in ("example_ids", "leaf_ids", "parent_ids", "example_content"):
             object.__setattr__(self, name, _as_str_array(getattr(self, name), name))
         for name, dtype in self._DTYPES.items():
             arr = np.asarray(getattr(self, name))
@@ -231,7 +255,8 @@ class LeafTable:
         rank = np.empty(self.n_examples, dtype=np.int64)
         rank[np.argsort(self.example_ids, kind="stable")] = np.arange(self.n_examples)
         order = np.lexsort((rank, self.leaf_index_of_row))
-        sorted_ids = self.example_ids[order].tolist()
+        content = self.example_content[order].tolist()
+        sorted_ids = [e if not c else f"{e}\x1f{c}" for e, c in zip(self.example_ids[order].tolist(), content, strict=True)]
         offsets = np.zeros(self.n_leaves + 1, dtype=np.int64)
         np.cumsum(np.bincount(self.leaf_index_of_row, minlength=self.n_leaves), out=offsets[1:])
         out = np.asarray(
@@ -242,10 +267,11 @@ class LeafTable:
         return out
 
     def member_hash(self, g: int) -> str:
-        """sha256 (first 16 hex digits) of the leaf's sorted member example ids, NUL-separated.
+        """sha256 (first 16 hex digits) of the leaf's members in example-id order, NUL-separated; each
+        member is its id, or ``id + "\\x1f" + content hash`` when the table tracks content.
 
-        Depends only on the member set, so it is the leaf's content key: unchanged after growth that
-        added nothing to the leaf, different as soon as a member joins.
+        Depends only on the member set and the members' content, so it is the leaf's content key:
+        unchanged while no member joins, leaves or is edited, different as soon as one does.
         """
         if not 0 <= g < self.n_leaves:
             raise IndexError(f"leaf index {g} out of range [0, {self.n_leaves})")
@@ -286,6 +312,8 @@ class LeafTable:
             "leaf_offsets": (G + 1,),
             "region_of_parent": (P,),
             "parent_centroids": (P, d),
+            "example_content": (n,),
+            "delta_count": (P,),
         }
         bad_shapes = [f"{k} {getattr(self, k).shape} != {v}" for k, v in shapes.items() if getattr(self, k).shape != v]
         if bad_shapes:
@@ -345,11 +373,12 @@ class LeafTable:
     def from_npz(cls, path: str | os.PathLike[str]) -> LeafTable:
         """Load and ``check`` a table written by ``to_npz``; errors name the file."""
         with np.load(path, allow_pickle=False) as data:
+            if "format" in data.files and str(data["format"]) != _FORMAT:
+                raise LeafTableFormatError(
+                    f"{path}: leaf table format {str(data['format'])!r}, expected {_FORMAT!r}")
             missing = [k for k in (*cls._ARRAYS, "format") if k not in data.files]
             if missing:
                 raise ValueError(f"{path}: not a saved leaf table, missing arrays {missing}")
-            if str(data["format"]) != _FORMAT:
-                raise ValueError(f"{path}: unknown leaf table format {str(data['format'])!r}, expected {_FORMAT!r}")
             try:
                 table = cls(**{k: np.array(data[k]) for k in cls._ARRAYS})
                 table.check()
@@ -358,8 +387,21 @@ class LeafTable:
         return table
 
 
-def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any) -> LeafTable:
-    """Name the hierarchy's leaves ``L%05d`` and parents ``P%04d`` in its order, keyed by example id."""
+def _content_array(content: Any, n: int, name: str) -> np.ndarray:
+    if content is None:
+        return np.full(n, "", dtype="<U1")
+    arr = _as_str_array(content, name)
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} entries but there are {n} examples")
+    return arr
+
+
+def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any, content: Any = None) -> LeafTable:
+    """Name the hierarchy's leaves ``L%05d`` and parents ``P%04d`` in its order, keyed by example id.
+
+    ``content`` (optional, one string per row) is each example's content hash; with it, an edited
+    example changes its leaf's member hash.
+    """
     ids = _as_str_array(example_ids, "example_ids")
     if ids.shape[0] != h.n_examples:
         raise ValueError(f"example_ids has {ids.shape[0]} entries but the hierarchy has {h.n_examples} rows")
@@ -378,6 +420,7 @@ def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any) -> LeafTable:
         representative=h.is_representative,
         member_order=h.member_order,
         leaf_offsets=h.leaf_offsets,
+        example_content=_content_array(content, h.n_examples, "content"),
     )
     table.check()
     return table
@@ -390,26 +433,34 @@ def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any) -> LeafTable:
 
 @dataclass(frozen=True)
 class GrowthResult:
-    """The grown table and what happened to each leaf id.
+    """The updated table and what happened to each leaf id.
 
-    ``unchanged`` leaves keep id, members and hash (their cached utilities stay valid); ``grown``
-    keep their id but have new members and a new hash; ``split`` maps each retired id to its child
-    ids, and ``new`` lists every id created. A representative flag may change in an unchanged leaf
-    when its parent had a split (see ``reselected_parents``).
+    ``unchanged`` leaves keep id, members and hash (their cached utilities stay valid); ``grown`` keep
+    their id and gained members, ``shrunk`` keep their id and lost members (removed or edited); ``split``
+    maps each retired id to its child ids; ``retired`` lists leaves left without members; ``new`` lists
+    every id created (split children and ``delta`` leaves). ``deferred`` counts arrivals whose nearest
+    leaf was frozen and that went to a delta leaf instead.
     """
 
     table: LeafTable
     unchanged: list[str]
     grown: list[str]
+    shrunk: list[str]
     split: dict[str, list[str]]
+    retired: list[str]
     new: list[str]
+    delta: list[str]
     n_added: int
+    n_removed: int
+    n_edited: int
+    deferred: int
     reselected_parents: list[str]
+    removed_parents: list[str]
 
     @property
     def changed(self) -> list[str]:
-        """Leaf ids whose member set differs from any cached measurement: grown and new."""
-        return [*self.grown, *self.new]
+        """Current leaf ids whose member set differs from any cached measurement: grown, shrunk and new."""
+        return sorted({*self.grown, *self.shrunk, *self.new})
 
 
 def _unit_rows(X: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -482,37 +533,15 @@ def _split_rows(
     return out
 
 
-def grow_leaf_table(
-    table: LeafTable,
-    X_all: Any,
-    example_ids_all: Any,
-    *,
-    max_leaf_size: int,
-    n_representatives: int = 1,
-    seed: int = 0,
-    min_leaf_size: int | None = None,
-    niter: int = 20,
-    use_gpu: UseGpu = "auto",
-) -> GrowthResult:
-    """Fold the new pool ``example_ids_all`` (a superset of the table's examples) into the leaves.
+def _delta_number(leaf_id: str, parent_id: str) -> int | None:
+    """k of a delta leaf id ``<parent>d<k>`` (not of its split children), else None."""
+    head = parent_id + "d"
+    if not leaf_id.startswith(head) or not leaf_id[len(head):].isdigit():
+        return None
+    return int(leaf_id[len(head):])
 
-    ``X_all`` holds the new pool's embeddings (raw or normalised) in the order of ``example_ids_all``;
-    the pool may be reordered. See the module docstring for the rules. ``min_leaf_size`` (default
-    ``max(1, target // 5)``) is the smallest k-means child kept separate when a leaf splits.
-    Deterministic for the inputs and ``seed``.
-    """
-    max_leaf_size = check_int(max_leaf_size, "max_leaf_size", minimum=1)
-    n_representatives = check_int(n_representatives, "n_representatives", minimum=1)
-    niter = check_int(niter, "niter", minimum=1)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    seed = int(seed)
-    target = max(1, max_leaf_size // 2)
-    if min_leaf_size is None:
-        min_leaf_size = max(1, target // 5)
-    min_leaf_size = check_int(min_leaf_size, "min_leaf_size", minimum=1)
-    table.check()
 
+def _check_inputs(table: LeafTable, X_all: Any, example_ids_all: Any) -> tuple[np.ndarray, np.ndarray]:
     ids = _as_str_array(example_ids_all, "example_ids_all")
     problems = _id_problems(ids, "example_ids_all")
     if problems:
@@ -526,93 +555,185 @@ def grow_leaf_table(
         raise ValueError(f"X_all has {X.shape[0]} rows but example_ids_all has {ids.shape[0]} ids")
     if X.shape[1] != table.dim:
         raise ValueError(f"X_all has {X.shape[1]} dims but the leaf table's centroids have {table.dim}")
+    return X, ids
 
-    # Locate the old examples in the new pool.
+
+def grow_leaf_table(
+    table: LeafTable,
+    X_all: Any,
+    example_ids_all: Any,
+    *,
+    max_leaf_size: int,
+    content_all: Any = None,
+    frozen: Any = (),
+    n_representatives: int = 1,
+    seed: int = 0,
+    min_leaf_size: int | None = None,
+    niter: int = 20,
+    use_gpu: UseGpu = "auto",
+) -> GrowthResult:
+    """Update the leaves for the new pool ``example_ids_all``: examples may be added, removed or edited.
+
+    ``X_all`` holds the new pool's embeddings (raw or normalised) in the order of ``example_ids_all``; the
+    pool may be reordered. ``content_all`` (one content hash per row, or None to track ids only) tells
+    edited examples apart; ``frozen`` names leaves whose measurement must stay exact (they take no new
+    member). See the module docstring for the rules. ``min_leaf_size`` (default ``max(1, target // 5)``)
+    is the smallest k-means child kept separate when a leaf splits. Deterministic for the inputs and
+    ``seed``.
+    """
+    max_leaf_size = check_int(max_leaf_size, "max_leaf_size", minimum=1)
+    n_representatives = check_int(n_representatives, "n_representatives", minimum=1)
+    niter = check_int(niter, "niter", minimum=1)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    target = max(1, max_leaf_size // 2)
+    if min_leaf_size is None:
+        min_leaf_size = max(1, target // 5)
+    min_leaf_size = check_int(min_leaf_size, "min_leaf_size", minimum=1)
+    table.check()
+    X, ids = _check_inputs(table, X_all, example_ids_all)
     n_all, n_old, G, P = ids.shape[0], table.n_examples, table.n_leaves, table.n_parents
+    frozen_ids = sorted({str(f) for f in frozen})
+    unknown = [f for f in frozen_ids if f not in table._index_by_id]
+    if unknown:
+        raise ValueError(f"frozen names leaf id(s) not in the leaf table: {_show(np.asarray(unknown))}")
+    is_frozen = np.zeros(G, dtype=bool)
+    is_frozen[[table.index_of(f) for f in frozen_ids]] = True
+
+    # Old examples in the new pool: kept (same id, same content), edited, or removed.
     sort_all = np.argsort(ids, kind="stable")
     sorted_ids = ids[sort_all]
     pos = np.minimum(np.searchsorted(sorted_ids, table.example_ids), n_all - 1)
     found = sorted_ids[pos] == table.example_ids
-    if not found.all():
-        missing = table.example_ids[~found]
-        raise ValueError(
-            f"example_ids_all lacks {missing.size} example id(s) of the leaf table {_show(missing)}; "
-            "removing examples from the pool is not supported by growth (rebuild the hierarchy)"
-        )
-    row_of_old = sort_all[pos]
+    row_of_old = np.where(found, sort_all[pos], -1)
+    if content_all is None:  # ids only: every row keeps the content the table recorded
+        content = np.full(n_all, "", dtype=table.example_content.dtype)
+        content[row_of_old[found]] = table.example_content[found]
+    else:
+        content = _content_array(content_all, n_all, "content_all")
+    kept = found.copy()
+    kept[found] = table.example_content[found] == content[row_of_old[found]]
+    n_removed, n_edited = int((~found).sum()), int((found & ~kept).sum())
     rank_of_row = np.empty(n_all, dtype=np.int64)
     rank_of_row[sort_all] = np.arange(n_all)
 
     leaf_of = np.full(n_all, -1, dtype=np.int64)
-    leaf_of[row_of_old] = table.leaf_index_of_row
-    new_rows = np.flatnonzero(leaf_of < 0)
+    leaf_of[row_of_old[kept]] = table.leaf_index_of_row[kept]
+    lost = np.bincount(table.leaf_index_of_row[~kept], minlength=G)
+    alive = np.flatnonzero(table.leaf_sizes - lost > 0)
+    arrivals = np.flatnonzero(leaf_of < 0)
+    if alive.size == 0 and arrivals.size:
+        raise ValueError("every example of the leaf table left the pool or was edited: build a new hierarchy")
     backend = _FlatIP(table.dim, _resolve_gpu(use_gpu))
-    for start in range(0, new_rows.size, _BLOCK_ROWS):
-        r = new_rows[start : start + _BLOCK_ROWS]
-        leaf_of[r] = backend.nearest(table.leaf_centroids, _unit_rows(X, r, ids))
+    for start in range(0, arrivals.size, _BLOCK_ROWS):
+        r = arrivals[start : start + _BLOCK_ROWS]
+        leaf_of[r] = alive[backend.nearest(table.leaf_centroids[alive], _unit_rows(X, r, ids))]
 
-    added = np.bincount(leaf_of[new_rows], minlength=G)
-    sizes = table.leaf_sizes + added
+    # Arrivals whose nearest leaf is frozen go to their parent's open delta leaf (a new one if none).
+    leaf_ids_ext = table.leaf_ids.tolist()
+    parent_ext = table.parent_of_leaf.tolist()
+    delta_count = table.delta_count.copy()
+    to_delta = arrivals[is_frozen[leaf_of[arrivals]]]
+    delta_ids: list[str] = []
+    if to_delta.size:
+        live = np.zeros(G, dtype=bool)
+        live[alive] = True
+        open_delta: dict[int, int] = {}
+        for g in np.flatnonzero(live & ~is_frozen).tolist():
+            p = int(table.parent_of_leaf[g])
+            k = _delta_number(leaf_ids_ext[g], str(table.parent_ids[p]))
+            if k is not None and (p not in open_delta or k > _delta_number(leaf_ids_ext[open_delta[p]],
+                                                                             str(table.parent_ids[p]))):
+                open_delta[p] = g
+        parents_needing = np.unique(table.parent_of_leaf[leaf_of[to_delta]])
+        for p in parents_needing.tolist():
+            if p not in open_delta:
+                delta_count[p] += 1
+                name = f"{table.parent_ids[p]}d{int(delta_count[p])}"
+                open_delta[p] = len(leaf_ids_ext)
+                leaf_ids_ext.append(name)
+                parent_ext.append(p)
+                delta_ids.append(name)
+        leaf_of[to_delta] = [open_delta[int(p)] for p in table.parent_of_leaf[leaf_of[to_delta]]]
+    G_ext = len(leaf_ids_ext)
+    parent_ext_arr = np.asarray(parent_ext, dtype=np.int64)
+
+    added = np.bincount(leaf_of[arrivals], minlength=G_ext)
+    lost_ext = np.r_[lost, np.zeros(G_ext - G, dtype=np.int64)]
+    sizes = np.bincount(leaf_of, minlength=G_ext)
     gained = added > 0
+    changed = gained | (lost_ext > 0)
     to_split = gained & (sizes > max_leaf_size)
+    empty = sizes == 0
     affected_parent = np.zeros(P, dtype=bool)
-    affected_parent[table.parent_of_leaf[gained]] = True
-    split_parent = np.zeros(P, dtype=bool)
-    split_parent[table.parent_of_leaf[to_split]] = True
+    affected_parent[parent_ext_arr[changed]] = True
 
-    # Embeddings of every row in a parent that gained: new centroids and member orders need them.
-    rows_aff = np.flatnonzero(affected_parent[table.parent_of_leaf[leaf_of]])
+    # Embeddings of every row in a parent that changed: new centroids and member orders need them.
+    rows_aff = np.flatnonzero(affected_parent[parent_ext_arr[leaf_of]])
     Xa = _unit_rows(X, rows_aff, ids) if rows_aff.size else np.zeros((0, table.dim), np.float32)
     loc = np.full(n_all, -1, dtype=np.int64)
     loc[rows_aff] = np.arange(rows_aff.size)
 
-    # Split oversized leaves; children replace their leaf in place so leaves stay grouped by parent.
+    # Split oversized leaves into children named <id>s1, s2, ... by their smallest example id.
     split_idx = np.flatnonzero(to_split)
-    child_rows: dict[int, list[np.ndarray]] = {}
-    n_children = np.ones(G, dtype=np.int64)
+    children: dict[int, list[np.ndarray]] = {}
     if split_idx.size:
-        in_split = to_split[leaf_of]
-        rows_s = np.flatnonzero(in_split)
+        rows_s = np.flatnonzero(to_split[leaf_of])
         rows_s = rows_s[np.lexsort((rank_of_row[rows_s], leaf_of[rows_s]))]  # by leaf, then example id
-        bounds = np.searchsorted(leaf_of[rows_s], np.r_[split_idx, G])
+        bounds = np.searchsorted(leaf_of[rows_s], np.r_[split_idx, G_ext])
         for j, g in enumerate(split_idx.tolist()):
             rows_g = rows_s[bounds[j] : bounds[j + 1]]
             parts = _split_rows(
-                Xa[loc[rows_g]],
-                target=target,
-                max_leaf_size=max_leaf_size,
-                min_leaf_size=min_leaf_size,
-                seed=seed,
-                path=_leaf_seed(seed, str(table.leaf_ids[g])),
-                niter=niter,
-                backend=backend,
+                Xa[loc[rows_g]], target=target, max_leaf_size=max_leaf_size, min_leaf_size=min_leaf_size,
+                seed=seed, path=_leaf_seed(seed, leaf_ids_ext[g]), niter=niter, backend=backend,
             )
             parts.sort(key=lambda p: int(p[0]))  # child s1 holds the smallest example id
-            child_rows[g] = [rows_g[p] for p in parts]
-            n_children[g] = len(parts)
+            children[g] = [rows_g[p] for p in parts]
 
-    first_new = np.zeros(G, dtype=np.int64)
-    np.cumsum(n_children[:-1], out=first_new[1:])
-    G_new = int(n_children.sum())
-    kept = ~to_split
-    leaf_ids_new = np.empty(G_new, dtype=object)
-    leaf_ids_new[first_new[kept]] = table.leaf_ids[kept].tolist()
-    new_leaf_of = first_new[leaf_of]
+    # The new leaf list, grouped by parent: old leaves in their order (children in place of a split
+    # leaf, emptied leaves dropped), then the parent's new delta leaves.
+    by_parent = np.lexsort((np.arange(G_ext), parent_ext_arr))
+    out_ids: list[str] = []
+    out_parent: list[int] = []
+    out_src: list[int] = []  # source leaf in the extended numbering
+    new_leaf_of = np.full(n_all, -1, dtype=np.int64)
+    src_to_out = np.full(G_ext, -1, dtype=np.int64)
     split_map: dict[str, list[str]] = {}
-    for g, parts in child_rows.items():
-        old_id = str(table.leaf_ids[g])
-        names = [f"{old_id}s{c + 1}" for c in range(len(parts))]
-        split_map[old_id] = names
-        for c, rows_c in enumerate(parts):
-            leaf_ids_new[first_new[g] + c] = names[c]
-            new_leaf_of[rows_c] = first_new[g] + c
-    leaf_ids_new = leaf_ids_new.astype(str)
-    parent_new = np.repeat(table.parent_of_leaf, n_children).astype(np.int32)
-    changed_new = np.repeat(gained, n_children)
+    for g in by_parent.tolist():
+        if empty[g]:
+            continue
+        if g in children:
+            names = [f"{leaf_ids_ext[g]}s{c + 1}" for c in range(len(children[g]))]
+            split_map[leaf_ids_ext[g]] = names
+            for name, rows_c in zip(names, children[g], strict=True):
+                new_leaf_of[rows_c] = len(out_ids)
+                out_ids.append(name)
+                out_parent.append(int(parent_ext_arr[g]))
+                out_src.append(g)
+            continue
+        src_to_out[g] = len(out_ids)
+        out_ids.append(leaf_ids_ext[g])
+        out_parent.append(int(parent_ext_arr[g]))
+        out_src.append(g)
+    plain = src_to_out[leaf_of] >= 0
+    new_leaf_of[plain] = src_to_out[leaf_of[plain]]
+    G_new = len(out_ids)
+    src = np.asarray(out_src, dtype=np.int64)
+    changed_new = changed[src]
 
-    # Centroids: leaves whose members changed, and parents that gained.
-    leaf_centroids = np.repeat(table.leaf_centroids, n_children, axis=0)
-    parent_centroids = table.parent_centroids.copy()
+    # Parents left without leaves drop out; the others keep their order.
+    parent_alive = np.zeros(P, dtype=bool)
+    parent_alive[out_parent] = True
+    parent_map = np.cumsum(parent_alive) - 1
+    parent_new = parent_map[np.asarray(out_parent, dtype=np.int64)].astype(np.int32)
+    kept_parents = np.flatnonzero(parent_alive)
+
+    # Centroids: leaves whose members changed, and parents that changed.
+    leaf_centroids = np.zeros((G_new, table.dim), dtype=np.float32)
+    old_src = src < G
+    leaf_centroids[old_src] = table.leaf_centroids[src[old_src]]
+    parent_centroids = table.parent_centroids[kept_parents].copy()
     if rows_aff.size:
         lab = new_leaf_of[rows_aff]
         sums = _cluster_sums(Xa, lab, G_new)
@@ -622,12 +743,13 @@ def grow_leaf_table(
         first_loc[lab[by_id][::-1]] = by_id[::-1]  # each leaf's member with the smallest example id
         ch = np.flatnonzero(changed_new)
         leaf_centroids[ch] = _unit_centroids(sums[ch], counts[ch], first_loc[ch], Xa)
-        aff_p = np.flatnonzero(affected_parent)
-        p_sums = np.zeros((P, table.dim), dtype=np.float64)
+        P_new = kept_parents.size
+        aff_p = np.flatnonzero(affected_parent[kept_parents])
+        p_sums = np.zeros((P_new, table.dim), dtype=np.float64)
         np.add.at(p_sums, parent_new, sums)
-        p_counts = np.bincount(parent_new, weights=counts, minlength=P)
+        p_counts = np.bincount(parent_new, weights=counts, minlength=P_new)
         p_lab = parent_new[lab]
-        p_first = np.zeros(P, dtype=np.int64)
+        p_first = np.zeros(P_new, dtype=np.int64)
         p_first[p_lab[by_id][::-1]] = by_id[::-1]
         parent_centroids[aff_p] = _unit_centroids(p_sums[aff_p], p_counts[aff_p], p_first[aff_p], Xa)
 
@@ -635,7 +757,7 @@ def grow_leaf_table(
     key = np.zeros(n_all, dtype=np.float64)
     old_pos = np.empty(n_old, dtype=np.float64)
     old_pos[table.member_order] = np.arange(n_old)
-    key[row_of_old] = old_pos
+    key[row_of_old[kept]] = old_pos[kept]
     rows_ch = np.flatnonzero(changed_new[new_leaf_of])
     if rows_ch.size:
         xr = Xa[loc[rows_ch]]
@@ -644,44 +766,55 @@ def grow_leaf_table(
     leaf_offsets = np.zeros(G_new + 1, dtype=np.int64)
     np.cumsum(np.bincount(new_leaf_of, minlength=G_new), out=leaf_offsets[1:])
 
-    # Representatives: re-chosen only where a split changed the parent's leaf set.
-    representative = np.repeat(table.representative, n_children)
-    cand = np.flatnonzero(split_parent[parent_new])
-    if cand.size:
-        sim = np.einsum(
-            "ij,ij->i",
-            leaf_centroids[cand].astype(np.float64),
-            parent_centroids[parent_new[cand]].astype(np.float64),
-        )
-        id_rank = np.empty(cand.size, dtype=np.int64)
-        id_rank[np.argsort(leaf_ids_new[cand], kind="stable")] = np.arange(cand.size)
-        order = np.lexsort((id_rank, -sim, parent_new[cand]))
-        sorted_parents = parent_new[cand][order]
-        rank_in_parent = np.arange(cand.size) - np.searchsorted(sorted_parents, sorted_parents, side="left")
-        representative[cand] = False
-        representative[cand[order[rank_in_parent < n_representatives]]] = True
+    # Representatives keep their flag while their leaf exists; a parent that lost one (split or
+    # emptied) fills the free slots with its leaves nearest the parent centroid (ties by leaf id).
+    rep_ext = np.r_[table.representative, np.zeros(G_ext - G, dtype=bool)]
+    representative = rep_ext[src] & ~to_split[src]
+    lost_rep = rep_ext & (to_split | empty)
+    refill = np.zeros(kept_parents.size, dtype=bool)
+    refill[parent_map[parent_ext_arr[lost_rep]][parent_alive[parent_ext_arr[lost_rep]]]] = True
+    leaf_ids_new = np.asarray(out_ids, dtype=str)
+    for p in np.flatnonzero(refill).tolist():
+        members = np.flatnonzero(parent_new == p)
+        free = n_representatives - int(representative[members].sum())
+        cand = members[~representative[members]]
+        if free <= 0 or cand.size == 0:
+            continue
+        sim = leaf_centroids[cand].astype(np.float64) @ parent_centroids[p].astype(np.float64)
+        order = np.lexsort((leaf_ids_new[cand], -sim))
+        representative[cand[order[:free]]] = True
 
     new_table = LeafTable(
         example_ids=ids,
         leaf_ids=leaf_ids_new,
         leaf_index_of_row=new_leaf_of.astype(np.int32),
-        parent_ids=table.parent_ids,
+        parent_ids=table.parent_ids[kept_parents],
         parent_of_leaf=parent_new,
-        region_of_parent=table.region_of_parent,
+        region_of_parent=table.region_of_parent[kept_parents],
         leaf_centroids=leaf_centroids,
         parent_centroids=parent_centroids,
         representative=representative,
         member_order=member_order,
         leaf_offsets=leaf_offsets,
+        example_content=content,
+        delta_count=delta_count[kept_parents],
     )
     new_table.check()
     old_ids = table.leaf_ids
+    survivors = ~to_split[:G] & ~empty[:G]
     return GrowthResult(
         table=new_table,
-        unchanged=old_ids[~gained].tolist(),
-        grown=old_ids[gained & ~to_split].tolist(),
-        split=split_map,
-        new=[c for g in split_idx.tolist() for c in split_map[str(old_ids[g])]],
-        n_added=int(new_rows.size),
-        reselected_parents=table.parent_ids[split_parent].tolist(),
+        unchanged=old_ids[survivors & ~changed[:G]].tolist(),
+        grown=old_ids[survivors & gained[:G]].tolist(),
+        shrunk=old_ids[survivors & (lost > 0)].tolist(),
+        split={k: v for k, v in split_map.items() if k in set(old_ids.tolist())},
+        retired=old_ids[empty[:G]].tolist(),
+        new=[name for name in leaf_ids_new.tolist() if name not in table._index_by_id],
+        delta=[d for d in delta_ids if d in set(leaf_ids_new.tolist()) or d in split_map],
+        n_added=int(arrivals.size - n_edited),
+        n_removed=n_removed,
+        n_edited=n_edited,
+        deferred=int(to_delta.size),
+        reselected_parents=table.parent_ids[kept_parents[refill]].tolist(),
+        removed_parents=table.parent_ids[~parent_alive].tolist(),
     )
