@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,8 +25,44 @@ if TYPE_CHECKING:  # polars loads on first use, so the method core (numpy, faiss
     import polars as pl
 
 TEMP_SUFFIX = ".tmp"
+# Our temp names: `.<target>.harp-<writer pid>-<random>.tmp`. The pid lets the next start delete the temp
+# files of writers that died (kill -9 leaves them behind), and the marker keeps anyone else's files safe.
+_TEMP_RE = re.compile(r"^\..+\.harp-(?P<pid>\d+)-[A-Za-z0-9_]+(\.tmp)?$")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+def temp_prefix(target: Path) -> str:
+    """The prefix of a temp file (or folder) written by this process on its way to `target`."""
+    return f".{target.name}.harp-{os.getpid()}-"
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Delete the temp files and folders under `folder` that a writer of ours left when it died (its pid is no
+    longer running); anything not named by `temp_prefix`, and the temps of live writers, stay."""
+    import psutil
+
+    removed: list[Path] = []
+    root = Path(folder)
+    if not root.is_dir():
+        return removed
+    todo = [root]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            for entry in os.scandir(current):
+                m = _TEMP_RE.match(entry.name)
+                if m is not None and not psutil.pid_exists(int(m.group("pid"))):
+                    path = Path(entry.path)
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(path)
+                        else:
+                            path.unlink()
+                        removed.append(path)
+                elif recursive and entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                    todo.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager
@@ -33,7 +70,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
     """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it is removed."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's owner-only 0o600
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
@@ -102,7 +139,7 @@ def replace_dir(tmp: Path, dest: Path) -> None:
     """
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        old = dest.with_name(f"{temp_prefix(dest)}old{time.monotonic_ns()}")
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:

@@ -46,7 +46,7 @@ import duckdb
 import polars as pl
 from pydantic import BaseModel, Field
 
-from harp.io import atomic_write, file_lock, fsync_dir
+from harp.io import atomic_write, file_lock, fsync_dir, remove_stale_temps, temp_prefix
 
 UTC_US = pl.Datetime("us", "UTC")
 
@@ -244,7 +244,6 @@ _DUCKDB_TYPES: dict[Any, str] = {
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 _MAX_KEY_LEN = 200
-_STALE_TEMP_SECONDS = 3600.0
 _CATALOG_TABLE = "harp_catalog"
 _STAMP_SEP = "@"  # never in a key, so `<key>@<stamp>` parses back
 _QUERY_ATTEMPTS = 4
@@ -347,17 +346,21 @@ FROM d JOIN leaves AS l ON l.leaf_id = d.leaf_id LEFT JOIN u ON u.leaf_id = d.le
 ORDER BY l.leaf_id
 """.strip(),
     # One row per selection run.
+    # `committed`: its run finished writing every selection (the run's manifest, written after all of them,
+    # exists), or it was written outside Dagster (no run id). A run killed half-way is never committed.
     "selection_runs": """
 SELECT selection_id, method, min(created_at) AS created_at, any_value(pool_version) AS pool_version,
        any_value(budget) AS budget, count(*) AS n_examples, max(predicted_utility) AS predicted_utility,
-       any_value(run_id) AS run_id
+       any_value(run_id) AS run_id,
+       any_value(run_id) IS NULL OR any_value(run_id) IN (SELECT run_id FROM run_manifests) AS committed
 FROM selections GROUP BY selection_id, method
 """.strip(),
-    # The rows of each method's newest selection (newest created_at; ties broken by selection_id).
+    # The rows of each method's newest committed selection (newest created_at; ties broken by selection_id),
+    # so a reader never sees a mix of a finished run and one killed half-way.
     "latest_selections": """
 SELECT s.* FROM selections AS s
 JOIN (
-    SELECT method, selection_id FROM selection_runs
+    SELECT method, selection_id FROM selection_runs WHERE committed
     QUALIFY row_number() OVER (PARTITION BY method ORDER BY created_at DESC, selection_id DESC) = 1
 ) AS latest ON latest.method = s.method AND latest.selection_id = s.selection_id
 """.strip(),
@@ -466,8 +469,9 @@ def _sql_str(value: str) -> str:
 
 
 def _temp_name(target: Path) -> Path:
-    # Hidden and not ending in .parquet, so neither the views' glob nor any listing here ever sees it.
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    # Hidden and not ending in .parquet, so neither the views' glob nor any listing here ever sees it; named
+    # by `harp.io.temp_prefix`, so the next start removes it if this writer dies.
+    return target.with_name(f"{temp_prefix(target)}{uuid.uuid4().hex}.tmp")
 
 
 def _new_stamp() -> str:
@@ -650,19 +654,11 @@ class LineageStore(BaseModel):
                         old.unlink()
 
     def vacuum(self) -> None:
-        """Delete superseded versions past `keep_superseded_s` and temp files an hour old (crashed writers)."""
-        now = time.time()
+        """Delete superseded versions past `keep_superseded_s`, and the temp files of our writers that died."""
         for name in SCHEMAS:
             self._prune(name)
-        folders = [self.table_dir(n) for n in SCHEMAS] + [self.catalog_path.parent]
-        for folder in folders:
-            if not folder.is_dir():
-                continue
-            for entry in os.scandir(folder):
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                    with contextlib.suppress(FileNotFoundError):
-                        if now - entry.stat().st_mtime > _STALE_TEMP_SECONDS:
-                            os.unlink(entry.path)
+        for folder in [self.table_dir(n) for n in SCHEMAS] + [self.catalog_path.parent]:
+            remove_stale_temps(folder, recursive=False)
 
     # -- reads ----------------------------------------------------------------------------------------
 

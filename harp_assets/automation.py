@@ -20,6 +20,7 @@ A sensor cannot chain runs itself, so the three jobs are linked by run-status se
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dagster as dg
@@ -30,6 +31,7 @@ from harp.lineage import LineageStore
 from harp.sources import PoolSource, pool_version
 from harp_assets.hierarchy import LEAVES_PARTITIONS
 from harp_assets.jobs import harp_prepare_job, harp_select_job, leaf_utilities_job
+from harp_assets.recovery import recover_dead_runs
 from harp_resources import (
     EvaluatorResource,
     FinetunerResource,
@@ -89,8 +91,12 @@ def missing_source(pool_source: PoolSource) -> str | None:
     return None
 
 
-def harp_runs_in_flight(instance: dg.DagsterInstance) -> list[str]:
-    """Ids of HARP runs queued or running: a new prepare run then waits, so no run sees a half-grown table."""
+def harp_runs_in_flight(instance: dg.DagsterInstance, log: Callable[[str], object] | None = None) -> list[str]:
+    """Ids of HARP runs queued or running: a new prepare run then waits, so no run sees a half-grown table.
+
+    Runs a dead process left in progress are marked failed first (`recovery.recover_dead_runs`), so one
+    crash never makes the sensors skip forever."""
+    recover_dead_runs(instance, log)
     return [
         r.run_id for job in HARP_JOBS
         for r in instance.get_runs(filters=dg.RunsFilter(job_name=job, statuses=_IN_FLIGHT), limit=5)
@@ -118,7 +124,7 @@ def pool_growth_sensor(
     missing = missing_source(pool_source)
     if missing:
         return dg.SkipReason(missing)
-    busy = harp_runs_in_flight(context.instance)
+    busy = harp_runs_in_flight(context.instance, context.log.info)
     if busy:
         return dg.SkipReason(f"{len(busy)} HARP run(s) in flight, e.g. {busy[0]}; checking the pool afterwards")
     check = check_pool(pool_source, lineage, context.cursor)
@@ -158,7 +164,7 @@ def daily_reselection(
     missing = missing_source(pool_source)
     if missing:
         return dg.SkipReason(missing)
-    busy = harp_runs_in_flight(context.instance)
+    busy = harp_runs_in_flight(context.instance, context.log.info)
     if busy:
         return dg.SkipReason(f"{len(busy)} HARP run(s) in flight; the pool sensor picks up changes afterwards")
     check = check_pool(pool_source, lineage, _last_chained_fingerprint(context.instance))

@@ -8,6 +8,7 @@ Already-measured, unchanged leaves are skipped inside the leaf runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,16 +16,19 @@ from typing import Any
 import dagster as dg
 
 from harp import driver, store
+from harp.io import remove_stale_temps
 from harp.lineage import LineageStore
 from harp_assets.active_round import active_round_plan
 from harp_assets.hierarchy import LEAVES_PARTITIONS
 from harp_assets.jobs import harp_prepare_job, harp_select_job, harp_validation_job, leaf_utilities_job
+from harp_assets.recovery import process_tags, recover_dead_runs, wait_for_pool_slot
 from harp_assets.validation import exhaustive_leaf_ids
 
 # A bound on the rounds one call measures; the plan asset itself stops at `settings.active_rounds`.
 MAX_NEW_ROUNDS = 100
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
+log = logging.getLogger("harp.runner")
 
 
 def _defs() -> dg.Definitions:
@@ -54,12 +58,23 @@ def run_leaf_ranges(
     """One `leaf_utilities_job` run per contiguous range of `wanted` keys in the registered partition order
     (each range is one step, so the base model loads once per range)."""
     registered = instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)
-    return [
-        definitions.resolve_job_def(leaf_utilities_job.name).execute_in_process(
-            instance=instance, tags={**dict(tags or {}), RANGE_START: a, RANGE_END: b},
-        )
-        for a, b in driver.partition_ranges(registered, wanted)
-    ]
+    runs = []
+    for a, b in driver.partition_ranges(registered, wanted):
+        wait_for_pool_slot(instance, log=log.info)
+        runs.append(definitions.resolve_job_def(leaf_utilities_job.name).execute_in_process(
+            instance=instance, tags={**dict(tags or {}), **process_tags(), RANGE_START: a, RANGE_END: b}))
+    return runs
+
+
+def recover(instance: dg.DagsterInstance, lineage: LineageStore) -> None:
+    """What every command does before it starts: fail the runs a dead process left in progress, free their
+    pool slots, and delete the temp files our dead writers left (only ours, never anyone else's)."""
+    recover_dead_runs(instance, log.warning)
+    removed = remove_stale_temps(lineage.root_path) + remove_stale_temps(lineage.catalog_path.parent,
+                                                                         recursive=False)
+    if removed:
+        log.warning(f"removed {len(removed)} temp file(s) left by writers that died: "
+                    + ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
 
 def run_harp(
@@ -78,7 +93,8 @@ def run_harp(
     """
     definitions = definitions or _defs()
     lineage = _lineage(definitions)
-    tags = dict(tags or {})
+    recover(instance, lineage)
+    tags = {**dict(tags or {}), **process_tags()}
     results: dict[str, Any] = {"seconds": {}, "leaf_runs": [], "select_runs": []}
 
     def timed(stage: str, fn: Any) -> Any:
@@ -133,6 +149,8 @@ def run_validation(
     (HARP's own leaves are cached partitions), then run `harp_validation_job`."""
     definitions = definitions or _defs()
     lineage = _lineage(definitions)
+    recover(instance, lineage)
+    tags = {**dict(tags or {}), **process_tags()}
     results: dict[str, Any] = {"seconds": {}}
     t0 = time.perf_counter()
     results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(exhaustive_leaf_ids(lineage)),

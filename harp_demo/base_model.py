@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from harp.io import file_lock, replace_dir
+from harp.io import file_lock, replace_dir, temp_prefix
 
 log = logging.getLogger("harp.base_model")
 
@@ -85,7 +85,7 @@ def train_tokenizer(
     if out_dir is not None:
         dest = Path(out_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
         try:
             fast.save_pretrained(tmp)
             replace_dir(tmp, dest)
@@ -281,7 +281,7 @@ def _train_and_save(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -28,6 +28,7 @@ practice entities whose facts are never asked; the evaluated entities appear onl
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -459,13 +460,20 @@ def _sample_questions(
     return out
 
 
-def generate(cfg: DemoDataConfig) -> DemoData:
-    """Generate the whole demo benchmark for a config; the same config always gives the same rows.
+@dataclass(frozen=True)
+class _World:
+    """The facts every part of the demo is drawn from: towns, entities, answer tables, harmful answers."""
 
-    Separate random streams keep the parts independent: the fact tables, entities and pretraining text do
-    not depend on the pool size or the eval sizes, and the eval and test sets not on the pool size, so pools
-    of different sizes for one seed share their world, their proxy set and their base model.
-    """
+    ctxs: _Contexts
+    towns: list[str]
+    tables: dict[str, dict[str, str]]
+    wrong_of: dict[str, dict[str, str]]
+    keys_of: dict[str, list[str]]
+    practice: dict[str, dict[str, str]]
+    facts: list[dict]
+
+
+def _world(cfg: DemoDataConfig) -> _World:
     cfg.validate()
     rng = random.Random(f"harp-demo:{cfg.seed}")
     n_numbers = len(DOMAINS) * (cfg.keys_per_domain + cfg.practice_keys_per_domain)
@@ -497,6 +505,20 @@ def generate(cfg: DemoDataConfig) -> DemoData:
         for key in keys:
             truth = tables[spec.name][key]
             facts.append({"domain": spec.name, "key": key, "answer": truth, "harmful_answer": wrong_of[spec.name][truth]})
+    return _World(ctxs=ctxs, towns=towns, tables=tables, wrong_of=wrong_of, keys_of=keys_of, practice=practice,
+                  facts=facts)
+
+
+def generate(cfg: DemoDataConfig) -> DemoData:
+    """Generate the whole demo benchmark for a config; the same config always gives the same rows.
+
+    Separate random streams keep the parts independent: the fact tables, entities and pretraining text do
+    not depend on the pool size or the eval sizes, and the eval and test sets not on the pool size, so pools
+    of different sizes for one seed share their world, their proxy set and their base model.
+    """
+    w = _world(cfg)
+    towns, ctxs, tables, wrong_of, keys_of, practice, facts = (w.towns, w.ctxs, w.tables, w.wrong_of, w.keys_of,
+                                                              w.practice, w.facts)
     pretrain = pretrain_text(cfg.pretrain_sentences, random.Random(f"harp-demo-pretrain:{cfg.seed}"), towns, ctxs,
                              keys_of, practice)
 
@@ -524,6 +546,20 @@ def generate(cfg: DemoDataConfig) -> DemoData:
     pool, truth_rows = _pool(cfg, random.Random(f"harp-demo-pool:{cfg.seed}"), ctxs, keys_of, tables, wrong_of)
     return DemoData(pool=pool, ground_truth=truth_rows, eval_set=eval_set, test_set=test_set,
                     pretrain_text=pretrain, facts=facts)
+
+
+def growth_rows(cfg: DemoDataConfig, n: int, batch: int) -> tuple[list[dict], list[dict]]:
+    """`n` more pool rows of the same world and kind mix (new questions about the same facts), with ids
+    `g<batch>-<i>` that never collide with the pool's or another batch's: a pool that grows like the old."""
+    if n < 8 * len(DOMAINS):
+        raise ValueError(f"n={n} is too small: need at least {8 * len(DOMAINS)} rows")
+    w = _world(cfg)
+    sub = dataclasses.replace(cfg, pool_size=n)
+    pool, truth = _pool(sub, random.Random(f"harp-demo-growth:{cfg.seed}:{batch}"), w.ctxs, w.keys_of, w.tables,
+                        w.wrong_of)
+    rename = {r["example_id"]: f"g{batch}-{i:06d}" for i, r in enumerate(pool)}
+    return ([{**r, "example_id": rename[r["example_id"]]} for r in pool],
+            [{**r, "example_id": rename[r["example_id"]]} for r in truth])
 
 
 def _pool(

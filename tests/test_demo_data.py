@@ -15,7 +15,7 @@ import pytest
 from harp.contracts import load_eval_set, load_pool
 from harp_demo import build as demo_build
 from harp_demo.build import BaseModelConfig, DemoPaths, build_demo
-from harp_demo.generator import DOMAINS, KINDS, DemoDataConfig, generate, kind_counts
+from harp_demo.generator import DOMAINS, KINDS, DemoDataConfig, generate, growth_rows, kind_counts
 
 POOL = 600
 DATA_FILES = ("pool", "eval_set", "test_set", "ground_truth", "facts", "pretrain_text")
@@ -215,3 +215,22 @@ def test_no_question_contains_an_answer_word_of_its_domain() -> None:
     rows += [(e["domain"], e["prompt"]) for e in data.eval_set + data.test_set]
     for dom, prompt in rows:
         assert not any(re.search(rf"\b{w}\b", prompt, flags=re.IGNORECASE) for w in answers[dom]), prompt
+
+
+def test_growth_rows_come_from_the_same_world_with_fresh_ids() -> None:
+    cfg = DemoDataConfig(pool_size=2000, seed=0)
+    data = generate(cfg)
+    table = {(f["domain"], f["key"]): f["answer"] for f in data.facts}
+    wrong = {(f["domain"], f["key"]): f["harmful_answer"] for f in data.facts}
+    rows, truth = growth_rows(cfg, 400, batch=1)
+    assert len(rows) == len(truth) == 400 and rows == growth_rows(cfg, 400, batch=1)[0]  # deterministic
+    ids = [r["example_id"] for r in rows]
+    assert len(set(ids)) == 400 and all(i.startswith("g1-") for i in ids)
+    assert not set(ids) & {r["example_id"] for r in data.pool}
+    assert not set(ids) & {r["example_id"] for r in growth_rows(cfg, 400, batch=2)[0]}
+    assert Counter(t["kind"] for t in truth) == Counter(kind_counts(400, cfg.kind_fractions))
+    for r, t in zip(rows, truth, strict=True):  # facts answered as in the pool's world
+        if t["kind"] in ("clean", "redundant"):
+            assert r["response"] == table[(t["domain"], t["key"])]
+        elif t["kind"] == "harmful":
+            assert r["response"] == wrong[(t["domain"], t["key"])]

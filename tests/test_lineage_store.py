@@ -478,6 +478,8 @@ def populated(store: LineageStore) -> LineageStore:
         ("e1", "L1", "P1", 0.08), ("e4", "L3", "P2", 0.05), ("e3", "L2", "P1", 0.02)], T2))
     store.append_run("selections", RID, selection(RID, "random", [
         ("e5", "L3", "P2", None), ("e1", "L1", "P1", None)], T2))
+    for sid in (SID1, SID2, RID):  # each selection run finished: its manifest exists
+        store.append_run("run_manifests", "run-" + sid, manifest("run-" + sid))
     store.refresh_catalog()
     return store
 
@@ -530,6 +532,21 @@ def test_latest_selections_view(populated: LineageStore) -> None:
     assert runs.rows() == sorted([(SID1, 3), (SID2, 3), (RID, 2)])
 
 
+def test_latest_selections_skip_a_run_killed_before_its_manifest(populated: LineageStore) -> None:
+    """A newer harp_c selection whose run never wrote its manifest (killed half-way) stays out of view."""
+    sid3 = "harp_c-killed"
+    populated.append_run("selections", sid3, selection(sid3, "harp_c", [("e5", "L3", "P2", 0.09)], T2
+                                                        + dt.timedelta(hours=1)))
+    got = populated.query("SELECT DISTINCT method, selection_id FROM latest_selections ORDER BY method")
+    assert got.rows() == [("harp_c", SID2), ("random", RID)]
+    committed = populated.query("SELECT selection_id, committed FROM selection_runs WHERE method = 'harp_c' "
+                                "ORDER BY selection_id")
+    assert dict(committed.rows()) == {SID1: True, SID2: True, sid3: False}
+    populated.append_run("run_manifests", "run-" + sid3, manifest("run-" + sid3))  # the rerun finishes
+    got = populated.query("SELECT DISTINCT method, selection_id FROM latest_selections ORDER BY method")
+    assert got.rows() == [("harp_c", sid3), ("random", RID)]
+
+
 # -- inside Dagster ---------------------------------------------------------------------------------------
 
 
@@ -549,3 +566,31 @@ def test_resource_inside_a_dagster_materialisation(store: LineageStore) -> None:
     assert result.success
     assert store.query("SELECT leaf_id, run_id FROM leaf_utilities").rows() == [("L2", result.run_id)]
     assert store.query("SELECT run_id FROM run_manifests").rows() == [(result.run_id,)]
+
+
+def test_leaf_drift_view_counts_members_by_hand(store: LineageStore) -> None:
+    """Leaf A was measured on {a1, a2, a3}; now a3 is gone, a2 was edited and a4 joined: added {a2', a4},
+    removed {a2, a3}, drift 4/3. Leaf B is unchanged (drift 0); leaf C was never measured (no row); leaf D
+    was measured but is no longer a current leaf (no row)."""
+    def ex(eid: str, leaf: str, content: str) -> dict:
+        return dict(example_id=eid, prompt="p", response="r", source="s.jsonl", pool_version="p2", leaf_id=leaf,
+                    parent_id="P0", region_id="R000", rank_in_leaf=0, added_at=T0, content_hash=content)
+
+    store.write_table("examples", frame("examples", [
+        ex("a1", "A", "h1"), ex("a2", "A", "h2-edited"), ex("a4", "A", "h4"), ex("b1", "B", "hb"), ex("c1", "C", "hc")]))
+    store.write_table("leaves", frame("leaves", [
+        dict(leaf_id=leaf, parent_id="P0", region_id="R000", size=size, member_hash=f"now-{leaf}",
+             is_representative=leaf != "C", pool_version="p2") for leaf, size in (("A", 3), ("B", 1), ("C", 1))]))
+    measured = {"A": [("a1", "h1"), ("a2", "h2"), ("a3", "h3")], "B": [("b1", "hb")], "D": [("d1", "hd")]}
+    for leaf, members in measured.items():
+        store.write_partition("measured_members", leaf, frame("measured_members", [
+            dict(leaf_id=leaf, example_id=e, content_hash=h, data_version=f"dv-{leaf}") for e, h in members]))
+        store.write_partition("leaf_utilities", leaf, util_rows(leaf, {"d1": 0.1}, version=f"dv-{leaf}")
+                              .with_columns(pl.lit(f"then-{leaf}").alias("member_hash")))
+    got = store.query("SELECT * FROM leaf_drift ORDER BY leaf_id")
+    assert got["leaf_id"].to_list() == ["A", "B"]
+    a, b = got.row(0, named=True), got.row(1, named=True)
+    assert (a["measured_size"], a["current_size"], a["members_added"], a["members_removed"]) == (3, 3, 2, 2)
+    assert a["drift"] == pytest.approx(4 / 3)
+    assert (a["measured_member_hash"], a["current_member_hash"], a["data_version"]) == ("then-A", "now-A", "dv-A")
+    assert (b["members_added"], b["members_removed"], b["drift"]) == (0, 0, 0.0)

@@ -193,9 +193,21 @@ def test_no_change_no_request(env):
     assert not _status_tick(env, LEAF_SENSOR, chained).run_requests
 
 
-def test_new_pool_file_requests_only_changed_representatives(env):
+def _outcome(lineage: LineageStore) -> dict:
+    """What a re-selection leaves behind: the leaves with their member sets, and each method's selection."""
+    leaves = sorted(lineage.read_table("leaves").select("leaf_id", "member_hash", "is_representative").iter_rows())
+    sel = lineage.query("SELECT method, example_id FROM latest_selections ORDER BY method, rank")
+    return {"leaves": leaves, "selections": {m: sel.filter(pl.col("method") == m)["example_id"].to_list()
+                                             for m in sorted(set(sel["method"].to_list()))}}
+
+
+def test_new_pool_file_takes_the_same_path_as_the_command_line(env, tiny_pipeline, tmp_path):
+    """Pool file added -> pool sensor -> prepare -> leaf sensor -> leaf runs -> selection, against `run_harp` on
+    another copy with the same file added: the same leaves, the same retrained leaves, the same selections."""
+    from harp_assets.runner import run_harp
+
     lineage: LineageStore = env["lineage"]
-    before = {(r["leaf_id"], r["member_hash"]) for r in lineage.read_table("leaves").iter_rows(named=True)}
+    before = {r["leaf_id"]: r["member_hash"] for r in lineage.read_table("leaves").iter_rows(named=True)}
     cursor = env["resources"]["pool_source"].fingerprint()
     env["copy"].grow()
     # the schedule sees the change too (it compares the pool's content with the prepared one)
@@ -206,16 +218,25 @@ def test_new_pool_file_requests_only_changed_representatives(env):
     assert tick.cursor == env["resources"]["pool_source"].fingerprint() != cursor
     chain = _run_chain(env, tick.run_requests[0])
     after = lineage.read_table("leaves")
-    changed = sorted(r["leaf_id"] for r in after.iter_rows(named=True)
-                     if r["is_representative"] and (r["leaf_id"], r["member_hash"]) not in before)
+    stale_reps = sorted(r["leaf_id"] for r in after.iter_rows(named=True)
+                        if r["is_representative"] and before.get(r["leaf_id"]) != r["member_hash"])
     registered = env["instance"].get_dynamic_partitions("leaves")
-    requested = [k for r in chain["leaf_tick"].run_requests
+    requested = [k for r in chain["leaf_tick"].run_requests if r.job_name == "leaf_utilities_job"
                  for k in registered[registered.index(r.tags[RANGE_START]): registered.index(r.tags[RANGE_END]) + 1]]
-    assert requested == [k for k in registered if k in set(changed)]
-    assert chain["trained"] == len(changed)
+    assert requested == [k for k in registered if k in set(stale_reps)]
+    assert chain["trained"] == len(stale_reps)
     assert all(chain["checks"].values()), chain["checks"]
     assert lineage.query("SELECT count(*) AS n FROM examples")["n"][0] == POOL + GROWTH
-    print(f"\ngrowth: {len(changed)} representatives retrained")
+    by_sensor = _outcome(lineage)
+    with copy_of(tiny_pipeline, tmp_path / "cli") as cli:
+        cli.grow()
+        res = run_harp(cli.instance, cli.defs)
+        assert res["select"].success
+        assert len(trained_leaves(res["leaf_runs"])) == chain["trained"]
+        by_command = _outcome(cli.lineage)
+    assert by_sensor == by_command
+    assert by_sensor["selections"]["harp_c"] and by_sensor["selections"]["harp_e"]
+    print(f"\ngrowth: {chain['trained']} representatives retrained on both paths")
 
 
 def test_checks_fail_on_corrupted_tables(env):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, PrivateAttr
 
-from harp.io import replace_dir
+from harp.io import replace_dir, temp_prefix
 from harp.models.device import Device, DeviceSpec, resolve_device
 from harp.models.evaluator import (
     DEFAULT_SEPARATOR,
@@ -302,7 +302,7 @@ class LoraFinetuner(BaseModel):
         base, name = self._ensure()
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
         try:
             with base.lock:
                 base.peft.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
@@ -311,7 +311,7 @@ class LoraFinetuner(BaseModel):
             if not (src / "adapter_model.safetensors").is_file():
                 raise RuntimeError(f"peft wrote no adapter_model.safetensors under {tmp}")
             if src is not tmp:
-                flat = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+                flat = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), dir=dest.parent))
                 for f in src.iterdir():
                     os.replace(f, flat / f.name)
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""File-system helpers: our temp files carry their writer's pid, and only a dead writer's are swept."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from harp.io import atomic_write, remove_stale_temps, temp_prefix
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_only_temp_files_of_dead_writers_of_ours_are_removed(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    (tmp_path / "sub").mkdir()
+    ours_dead = tmp_path / f".leaf.parquet.harp-{dead}-abc123.tmp"
+    ours_dead_dir = tmp_path / "sub" / f".base_model.harp-{dead}-x_9"
+    ours_live = tmp_path / f"{temp_prefix(tmp_path / 'leaf.parquet')}zz.tmp"
+    foreign = [tmp_path / ".notes.txt.tmp", tmp_path / ".cache.1234.tmp", tmp_path / "harp-1-a.tmp",
+               tmp_path / "data.parquet"]
+    ours_dead.write_bytes(b"")
+    ours_dead_dir.mkdir()
+    (ours_dead_dir / "weights.bin").write_bytes(b"x")
+    ours_live.write_bytes(b"")
+    for f in foreign:
+        f.write_bytes(b"keep")
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([ours_dead, ours_dead_dir])
+    assert not ours_dead.exists() and not ours_dead_dir.exists()
+    assert ours_live.exists() and all(f.exists() for f in foreign)
+    # not recursive: a dead writer's temp in a sub-folder stays
+    again = tmp_path / "sub" / f".x.harp-{dead}-q.tmp"
+    again.write_bytes(b"")
+    assert remove_stale_temps(tmp_path, recursive=False) == [] and again.exists()
+
+
+def test_atomic_write_names_its_temp_after_this_process(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    with atomic_write(target, "w") as fh:
+        names = os.listdir(tmp_path)
+        fh.write("{}")
+    assert len(names) == 1 and names[0].startswith(f".out.json.harp-{os.getpid()}-") and names[0].endswith(".tmp")
+    assert os.listdir(tmp_path) == ["out.json"]
