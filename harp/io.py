@@ -28,8 +28,9 @@ TEMP_SUFFIX = ".tmp"
 # Our temp names: `.<target>.harp-<writer pid>-<random>.tmp`. The pid lets the next start delete the temp
 # files of writers that died (kill -9 leaves them behind), and the marker keeps anyone else's files safe.
 _TEMP_RE = re.compile(r"^\..+\.harp-(?P<pid>\d+)-[A-Za-z0-9_]+(\.tmp)?$")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+# Every file harp writes gets this mode, whatever the process umask: the owner reads and writes, the group
+# (a team sharing DAGSTER_HOME) reads, others get nothing (pools and eval sets may be private data).
+FILE_MODE = 0o640
 
 
 def temp_prefix(target: Path) -> str:
@@ -72,7 +73,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's owner-only 0o600
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
             yield fh
             fh.flush()

@@ -46,7 +46,7 @@ import duckdb
 import polars as pl
 from pydantic import BaseModel, Field
 
-from harp.io import atomic_write, file_lock, fsync_dir, remove_stale_temps, temp_prefix
+from harp.io import FILE_MODE, atomic_write, file_lock, fsync_dir, remove_stale_temps, temp_prefix
 
 UTC_US = pl.Datetime("us", "UTC")
 
@@ -749,6 +749,7 @@ class LineageStore(BaseModel):
                     con.execute("CHECKPOINT")
                 finally:
                     con.close()
+                os.chmod(tmp, FILE_MODE)
                 wal = tmp.with_name(tmp.name + ".wal")
                 if wal.exists():
                     raise RuntimeError(f"DuckDB left a write-ahead log {wal} after checkpoint; catalog not swapped")
@@ -817,6 +818,11 @@ class LineageStore(BaseModel):
         con = duckdb.connect(str(self.catalog_path), read_only=True)
         try:
             con.execute("SET TimeZone = 'UTC'")
+            # The views read only the lineage folder; a query may not read any other file (read_csv('/etc/...'),
+            # glob, ATTACH) nor turn this back on.
+            con.execute(f"SET allowed_directories = [{_sql_str(str(self.root_path) + os.sep)}]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
             return pl.DataFrame(con.sql(sql, params=params))
         finally:
             con.close()

@@ -11,7 +11,8 @@ import os
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
+from pydantic.fields import FieldInfo
 
 from harp.config import HarpSettings, ValidationSettings, demo_root
 from harp.lineage import LineageStore
@@ -33,8 +34,22 @@ __all__ = [
     "PoolSourceResource",
     "SettingsResource",
     "ValidationResource",
+    "configured",
     "default_resources",
 ]
+
+
+TRUST_REMOTE_CODE_ENV = "HARP_TRUST_REMOTE_CODE"
+
+
+def _refuse_remote_code(resource: Any) -> None:
+    """Model code shipped with weights runs as the pipeline's user; the UI has no authentication, so only the
+    deployment (its environment) may allow it, never run config."""
+    if getattr(resource, "trust_remote_code", False) and os.environ.get(TRUST_REMOTE_CODE_ENV) != "1":
+        raise PermissionError(
+            f"{type(resource).__name__}: trust_remote_code cannot be turned on from run config or the UI; the "
+            f"deployment allows it by setting {TRUST_REMOTE_CODE_ENV}=1 in the environment of the code location"
+        )
 
 
 class DeviceResource(dg.ConfigurableResource, Device):
@@ -47,6 +62,7 @@ class EmbedderResource(dg.ConfigurableResource, Embedder):
     device: DeviceResource = Field(default_factory=DeviceResource, description="where the encoder runs")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        _refuse_remote_code(self)
         self.report_to(getattr(context, "log", None))  # progress also goes to the run's log in the UI
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -59,6 +75,9 @@ class FinetunerResource(dg.ConfigurableResource, LoraFinetuner):
     device: DeviceResource | None = Field(
         default=None, description="where the model runs; None: auto", json_schema_extra=NOT_MEASUREMENT
     )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        _refuse_remote_code(self)
 
 
 class EvaluatorResource(dg.ConfigurableResource, Evaluator):
@@ -91,6 +110,33 @@ class PoolSourceResource(dg.ConfigurableResource, PoolSource):
     """The candidate pool (a JSONL/Parquet file or a folder of them) and the proxy eval set."""
 
 
+def configured(cls: type[dg.ConfigurableResource], **values: Any) -> dg.ConfigurableResource:
+    """`cls(**values)`, where the given values are also the defaults of the resource's config schema.
+
+    When run config (the launchpad) sets any field of a resource, Dagster rebuilds the resource from that
+    config alone, so every other field would fall back to the class default: overriding `epochs` would reset
+    the whole LoRA recipe and make every stored leaf stale. A subclass whose field defaults are these values
+    keeps them under an override. An `EnvVar` stays an explicit value (the UI shows the variable's name) and
+    its value at load time becomes the default; nested resources stay explicit.
+    """
+    fields: dict[str, Any] = {}
+    explicit: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dg.ConfigurableResource) or value is None:
+            explicit[name] = value
+            continue
+        default = value
+        if isinstance(value, dg.EnvVar):
+            explicit[name] = value
+            default = os.environ.get(value.env_var_name)
+            if default is None:
+                continue
+        info = cls.model_fields[name]
+        fields[name] = (info.annotation, FieldInfo.merge_field_infos(info, default=default))
+    sub = create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **fields)
+    return sub(**explicit)
+
+
 def _env(name: str) -> Any:
     """`dg.EnvVar(name)` when the variable is set (the UI then shows the variable, not its value), else None."""
     return dg.EnvVar(name) if os.environ.get(name) else None
@@ -108,12 +154,13 @@ def default_resources() -> dict[str, Any]:
     else:
         validation = ValidationResource.from_env_or_demo()
     return {
-        "pool_source": PoolSourceResource(pool_path=_env("HARP_POOL"), eval_path=_env("HARP_EVAL")),
+        "pool_source": configured(PoolSourceResource, pool_path=_env("HARP_POOL"), eval_path=_env("HARP_EVAL")),
         "lineage": LineageResource(),
         "settings": SettingsResource(),
         "embedder": EmbedderResource(device=device),
-        "finetuner": FinetunerResource(base_model=base_model, device=device, **DEMO_LORA),
+        "finetuner": configured(FinetunerResource, base_model=base_model, device=device, **DEMO_LORA),
         "evaluator": EvaluatorResource(),
-        "validation_finetuner": FinetunerResource(base_model=base_model, device=device, **VALIDATION_LORA),
+        "validation_finetuner": configured(FinetunerResource, base_model=base_model, device=device,
+                                           **VALIDATION_LORA),
         "validation": validation,
     }

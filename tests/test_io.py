@@ -45,3 +45,30 @@ def test_atomic_write_names_its_temp_after_this_process(tmp_path: Path) -> None:
         fh.write("{}")
     assert len(names) == 1 and names[0].startswith(f".out.json.harp-{os.getpid()}-") and names[0].endswith(".tmp")
     assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_every_file_gets_one_mode_whatever_the_umask(tmp_path: Path) -> None:
+    import stat
+
+    import polars as pl
+
+    from harp.io import FILE_MODE, write_json, write_npz
+    from harp.lineage import LineageStore
+
+    lineage = LineageStore(root=str(tmp_path / "harp"))
+    for umask in (0o000, 0o077):
+        old = os.umask(umask)
+        try:
+            folder = tmp_path / f"u{umask:o}"
+            write_json(folder / "a.json", {"x": 1})
+            write_npz(folder / "b.npz", x=[1, 2])
+            written = [folder / "a.json", folder / "b.npz"]
+            frame = pl.DataFrame({"leaf_id": ["L1"], "example_id": ["e1"], "content_hash": ["h"],
+                                  "data_version": [f"v{umask}"]})
+            written.append(lineage.write_partition("measured_members", "L1", frame))
+            lineage.refresh_catalog()
+            written.append(lineage.catalog_path)
+        finally:
+            os.umask(old)
+        for path in written:
+            assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE, (oct(umask), path)

@@ -594,3 +594,13 @@ def test_leaf_drift_view_counts_members_by_hand(store: LineageStore) -> None:
     assert a["drift"] == pytest.approx(4 / 3)
     assert (a["measured_member_hash"], a["current_member_hash"], a["data_version"]) == ("then-A", "now-A", "dv-A")
     assert (b["members_added"], b["members_removed"], b["drift"]) == (0, 0, 0.0)
+
+
+def test_query_cannot_read_files_outside_the_lineage_folder(populated: LineageStore, tmp_path: Path) -> None:
+    secret = tmp_path.parent / "secret.csv"
+    secret.write_text("a,b\n1,2\n")
+    for sql in (f"SELECT * FROM read_csv('{secret}')", "SELECT * FROM read_text('/etc/hostname')",
+                "SELECT * FROM glob('/etc/*')"):
+        with pytest.raises(duckdb.Error, match="(?i)permission|external access|disabled"):
+            populated.query(sql)
+    assert populated.query("SELECT count(*) AS n FROM examples")["n"][0] == 5  # the views still read their files
