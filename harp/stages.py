@@ -41,6 +41,7 @@ from harp.method import (
     harp_select,
     leaf_table_from_hierarchy,
     random_selection,
+    tree_generation,
     tsds_select,
 )
 from harp.models.evaluator import EvalResult, Evaluator, parse_eval_set
@@ -209,6 +210,7 @@ def update_leaf_table(
     config: Mapping[str, Any],
     max_leaf_size: int,
     frozen: Sequence[str] = (),
+    known_leaf_ids: Sequence[str] = (),
     rebuild_reason: str | None = None,
 ) -> LeafTableUpdate:
     """The leaf table for a pool that may have changed since `previous` was made.
@@ -216,14 +218,19 @@ def update_leaf_table(
     Measured leaves (`frozen`) keep their member sets exactly: examples that arrive near them gather in
     delta leaves (`harp.method.growth`), so a pool that grows retrains nothing it already measured, and a
     removed or edited example makes only its own leaf stale. Only another embedding dimension (or a
-    `rebuild_reason` from the caller, such as an unreadable table) builds the tree again.
+    `rebuild_reason` from the caller, such as an unreadable table) builds the tree again, under ids of a new
+    generation (`known_leaf_ids`: every leaf id with a stored measurement, so none is reused).
     """
     ids = np.asarray(list(example_ids), dtype=str)
     hashes = np.asarray(list(content), dtype=str)
+    # Leaf ids seen before (the previous tree's, and any with a stored measurement): a rebuild names its
+    # leaves in a new generation, so a stored measurement never meets another member set under its id.
+    seen = [*(previous.leaf_ids.tolist() if previous is not None else []), *known_leaf_ids]
 
     def build(how: str, reason: str | None) -> LeafTableUpdate:
         h = build_hierarchy(X, seed=seed, config=config)
-        return LeafTableUpdate(leaf_table_from_hierarchy(h, ids, hashes), how, None, reason)
+        generation = 1 + max(map(tree_generation, seen)) if seen else 0
+        return LeafTableUpdate(leaf_table_from_hierarchy(h, ids, hashes, generation), how, None, reason)
 
     if previous is None:
         return build("rebuilt", rebuild_reason) if rebuild_reason else build("built", None)

@@ -74,9 +74,11 @@ def leaf_hierarchy(
             previous = LeafTable.from_npz(path)
         except LeafTableFormatError as exc:
             reason = f"the stored leaf table has another format ({exc})"
+    measured = store.measured_leaf_ids(lineage)
     update = stages.update_leaf_table(
         previous, X, ids.tolist(), content, seed=settings.seed, config=settings.hierarchy_config(),
-        max_leaf_size=settings.max_leaf_size, frozen=sorted(store.measured_leaf_ids(lineage)), rebuild_reason=reason,
+        max_leaf_size=settings.max_leaf_size, frozen=sorted(measured), known_leaf_ids=sorted(measured),
+        rebuild_reason=reason,
     )
     if update.reason:
         context.log.warning(f"rebuilding the hierarchy: {update.reason}; cached leaf utilities will not match")

@@ -596,3 +596,23 @@ def test_a_parent_left_without_leaves_is_dropped(base, tracked):
     for leaf_id in res.unchanged:
         assert t2.parent_ids[t2.parent_of_leaf[t2.index_of(leaf_id)]] == tracked.parent_ids[
             tracked.parent_of_leaf[tracked.index_of(leaf_id)]]
+
+
+def test_a_rebuild_names_its_leaves_in_a_new_generation(base):
+    """A rebuilt tree never reuses a leaf id that has a stored measurement or was in the previous tree."""
+    from harp.method import tree_generation
+    from harp.stages import update_leaf_table
+
+    X, ids, h, t = base
+    content = [f"c-{e}" for e in ids.tolist()]
+    cfg = dict(leaf_size=20, leaves_per_parent=4, parents_per_region=4)
+    first = update_leaf_table(None, X, ids.tolist(), content, seed=0, config=cfg, max_leaf_size=100)
+    assert first.how == "built" and first.table.leaf_ids[0] == "L00000" and first.table.parent_ids[0] == "P0000"
+    again = update_leaf_table(first.table, X[:, :8], ids.tolist(), content, seed=0, config=cfg, max_leaf_size=100)
+    assert again.how == "rebuilt" and "dimension" in again.reason
+    assert again.table.leaf_ids[0] == "L1x00000" and again.table.parent_ids[0] == "P1x0000"
+    assert not set(again.table.leaf_ids.tolist()) & set(first.table.leaf_ids.tolist())
+    # an unreadable table: the generation comes from the measured leaf ids the caller knows of
+    third = update_leaf_table(None, X, ids.tolist(), content, seed=0, config=cfg, max_leaf_size=100,
+                              known_leaf_ids=["L00003", "P1x0000d2"], rebuild_reason="format")
+    assert third.how == "rebuilt" and {tree_generation(x) for x in third.table.leaf_ids.tolist()} == {2}

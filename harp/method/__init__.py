@@ -21,6 +21,7 @@ from harp.method.growth import (
     LeafTableFormatError,
     grow_leaf_table,
     leaf_table_from_hierarchy,
+    tree_generation,
 )
 from harp.method.hierarchy import (
     Hierarchy,
@@ -58,6 +59,7 @@ __all__ = [
     "Hyperparameters",
     "LeafTable",
     "LeafTableFormatError",
+    "tree_generation",
     "MainEffects",
     "Posteriors",
     "TsdsResult",

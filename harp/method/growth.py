@@ -62,7 +62,14 @@ from harp.method.hierarchy import (
 )
 from harp.validate import check_int
 
-__all__ = ["GrowthResult", "LeafTable", "LeafTableFormatError", "grow_leaf_table", "leaf_table_from_hierarchy"]
+__all__ = [
+    "GrowthResult",
+    "LeafTable",
+    "LeafTableFormatError",
+    "grow_leaf_table",
+    "leaf_table_from_hierarchy",
+    "tree_generation",
+]
 
 _HASH_HEX = 16
 # Leaf and parent ids are Dagster partition keys and file-name parts: a conservative character set.
@@ -387,6 +394,12 @@ class LeafTable:
         return table
 
 
+def tree_generation(leaf_id: str) -> int:
+    """The tree generation a leaf id belongs to: k for ``L<k>x...``, 0 for the first tree's ``L%05d...``."""
+    m = re.match(r"^[LP](\d+)x", leaf_id)  # delta leaves are named after their parent: P<k>x...d<n>
+    return int(m.group(1)) if m else 0
+
+
 def _content_array(content: Any, n: int, name: str) -> np.ndarray:
     if content is None:
         return np.full(n, "", dtype="<U1")
@@ -396,12 +409,16 @@ def _content_array(content: Any, n: int, name: str) -> np.ndarray:
     return arr
 
 
-def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any, content: Any = None) -> LeafTable:
+def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any, content: Any = None, generation: int = 0) -> LeafTable:
     """Name the hierarchy's leaves ``L%05d`` and parents ``P%04d`` in its order, keyed by example id.
 
     ``content`` (optional, one string per row) is each example's content hash; with it, an edited
-    example changes its leaf's member hash.
+    example changes its leaf's member hash. A rebuild of a pool that had leaves before passes
+    ``generation`` k >= 1, naming leaves ``L<k>x%05d`` and parents ``P<k>x%04d``, so no leaf id of an
+    earlier tree is reused for another member set.
     """
+    generation = check_int(generation, "generation", minimum=0)
+    tag = f"{generation}x" if generation else ""
     ids = _as_str_array(example_ids, "example_ids")
     if ids.shape[0] != h.n_examples:
         raise ValueError(f"example_ids has {ids.shape[0]} entries but the hierarchy has {h.n_examples} rows")
@@ -410,9 +427,9 @@ def leaf_table_from_hierarchy(h: Hierarchy, example_ids: Any, content: Any = Non
         raise ValueError("; ".join(problems))
     table = LeafTable(
         example_ids=ids,
-        leaf_ids=np.asarray([f"L{g:05d}" for g in range(h.n_leaves)], dtype=str),
+        leaf_ids=np.asarray([f"L{tag}{g:05d}" for g in range(h.n_leaves)], dtype=str),
         leaf_index_of_row=h.leaf_of,
-        parent_ids=np.asarray([f"P{p:04d}" for p in range(h.n_parents)], dtype=str),
+        parent_ids=np.asarray([f"P{tag}{p:04d}" for p in range(h.n_parents)], dtype=str),
         parent_of_leaf=h.parent_of_leaf,
         region_of_parent=h.region_of_parent,
         leaf_centroids=h.leaf_centroids,
