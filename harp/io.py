@@ -66,12 +66,40 @@ def remove_stale_temps(folder: str | os.PathLike, *, recursive: bool = True) -> 
     return removed
 
 
+# Write failures that are about the place, not the data: the message then names the path and the cause.
+_PLACE_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+class WriteError(OSError):
+    """A file could not be written because of where it goes (full disk, read-only folder, permissions)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message names the path; no "[Errno 28]" prefix
+
+
+def _place_error(exc: OSError, target: Path) -> OSError:
+    if exc.errno not in _PLACE_ERRORS or isinstance(exc, WriteError):
+        return exc
+    return WriteError(exc.errno, f"cannot write {target}: {_PLACE_ERRORS[exc.errno]} (in {target.parent})")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it is removed."""
+    """Open a temporary file beside `path`; on a clean exit it replaces `path`, on an error it is removed.
+
+    A full disk, a read-only folder or missing permissions raise `WriteError` naming `path`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
+    except OSError as exc:
+        raise _place_error(exc, target) from exc
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
@@ -80,9 +108,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         fsync_dir(target.parent)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _place_error(exc, target) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise `WriteError` naming `folder` when a file cannot be written there (before a run starts)."""
+    probe = Path(folder) / ".harp-write-check"
+    with atomic_write(probe) as fh:
+        fh.write(b"ok")
+    probe.unlink(missing_ok=True)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import dagster as dg
 
 from harp import driver, store
-from harp.io import remove_stale_temps
+from harp.io import check_writable, remove_stale_temps
 from harp.lineage import LineageStore
 from harp_assets.active_round import active_round_plan
 from harp_assets.hierarchy import LEAVES_PARTITIONS
@@ -68,7 +68,10 @@ def run_leaf_ranges(
 
 def recover(instance: dg.DagsterInstance, lineage: LineageStore) -> None:
     """What every command does before it starts: fail the runs a dead process left in progress, free their
-    pool slots, and delete the temp files our dead writers left (only ours, never anyone else's)."""
+    pool slots, and delete the temp files our dead writers left (only ours, never anyone else's). A home
+    that cannot be written (read-only, full) fails here, naming the folder, before any run starts."""
+    for folder in (instance.root_directory, lineage.root_path):
+        check_writable(folder)
     recover_dead_runs(instance, log.warning)
     removed = remove_stale_temps(lineage.root_path) + remove_stale_temps(lineage.catalog_path.parent,
                                                                          recursive=False)

@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from harp.config import dagster_home, demo_root
 
+        from harp.io import check_writable
+
         home = dagster_home()
         home.mkdir(parents=True, exist_ok=True)
-    except RuntimeError as exc:
+        check_writable(home)  # a read-only or full home fails here, naming it, not deep inside sqlite
+    except (RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,13 @@
 """File-system helpers: our temp files carry their writer's pid, and only a dead writer's are swept."""
 
+import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from harp.io import atomic_write, remove_stale_temps, temp_prefix
 
@@ -72,3 +76,60 @@ def test_every_file_gets_one_mode_whatever_the_umask(tmp_path: Path) -> None:
             os.umask(old)
         for path in written:
             assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE, (oct(umask), path)
+
+
+# -- a full or read-only home ------------------------------------------------------------------------------
+
+
+def test_a_failing_write_names_the_path_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from harp import io
+    from harp.io import WriteError, write_json
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)
+    target = tmp_path / "artifacts" / "pool.json"
+    try:
+        write_json(target, {"x": 1})
+    except WriteError as exc:
+        assert str(target) in str(exc) and "no space left" in str(exc)
+    else:
+        raise AssertionError("the write did not fail")
+    assert os.listdir(target.parent) == []
+
+
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    got = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if got.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({got.stderr.decode().strip()}); the injected fault test covers it")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_file_system_names_the_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    from harp.io import WriteError, write_npz
+
+    with _tmpfs(tmp_path / "small", "size=64k") as home:
+        target = home / "artifacts" / "embeddings.npz"
+        with pytest.raises(WriteError, match=re.escape(str(target)) + ".*no space left"):
+            write_npz(target, X=np.random.default_rng(0).standard_normal((200, 384)))
+        assert not [p for p in (home / "artifacts").iterdir()]  # the partial temp file is gone
+
+
+def test_a_read_only_dagster_home_fails_the_demo_command_naming_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    from harp_demo import run as demo_run
+
+    with _tmpfs(tmp_path / "home", "size=64k,ro") as home:
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        assert demo_run.main(["--no-build"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write") and str(home) in last and "read-only" in last
