@@ -52,8 +52,34 @@ def _refuse_remote_code(resource: Any) -> None:
         )
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent exits.
+
+    A step that holds a model runs in a subprocess of the run worker (`dagster job execute`, the daemon's
+    launches); when the worker is killed, the step would otherwise train to the end, holding the device.
+    No-op where `prctl` is missing (macOS) and for the main process of an in-process run.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class DeviceResource(dg.ConfigurableResource, Device):
     """Where models run: CUDA (bf16 when supported) if torch sees a GPU, else the CPU."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        die_with_parent()  # every step that runs a model has a device: it dies with its run worker
 
 
 class EmbedderResource(dg.ConfigurableResource, Embedder):

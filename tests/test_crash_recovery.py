@@ -4,6 +4,7 @@ A real `run_harp` runs in a child process on a copy of the tiny demo, with the `
 as in `dagster_home/dagster.yaml`; the test kills it (kill -9) mid-way, then runs `run_harp` again here.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -153,3 +154,29 @@ def _started_event(run: dg.DagsterRun) -> dg.EventLogEntry:
     event = DagsterEvent(event_type_value=DagsterEventType.RUN_START.value, job_name=run.job_name)
     return dg.EventLogEntry(error_info=None, level="debug", user_message="", run_id=run.run_id,
                             timestamp=time.time(), dagster_event=event)
+
+
+@pytest.mark.slow
+def test_a_step_subprocess_dies_with_its_killed_launcher(tmp_path):
+    """`dagster job execute` runs the step in a subprocess; kill -9 of the launcher takes the step down too."""
+    import psutil
+
+    pid_file = tmp_path / "step.pid"
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "HARP_TEST_PID_FILE": str(pid_file)}
+    job_file = Path(__file__).parent / "data" / "sleepy_job.py"
+    launcher = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "job", "execute", "-f",
+                                 str(job_file), "-j", "sleepy"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not (pid_file.is_file() and pid_file.read_text()):
+            assert launcher.poll() is None and time.monotonic() - t0 < 120, "the step never started"
+            time.sleep(0.1)
+        step = psutil.Process(int(pid_file.read_text()))
+        assert step.pid != launcher.pid and step.is_running()
+        _kill(launcher)
+        gone, _ = psutil.wait_procs([step], timeout=30)
+        assert gone, "the step process outlived its killed launcher"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
