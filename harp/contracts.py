@@ -8,6 +8,16 @@ Formats: JSON Lines (`.jsonl`, `.ndjson`) or Parquet (`.parquet`, `.pq`), chosen
 such files (top level only, read in sorted file-name order and concatenated; hidden files and files with
 other suffixes are skipped with a warning). Rows are located as `row N` (0-based record index within its
 file); for JSON Lines the 1-based `line` is given as well.
+
+Text rules, checked before anything else reads the data (so a model never loads on bad input):
+- `example_id` is a string, or an integer (cast to a string; a boolean is not an integer); it has no leading or
+  trailing whitespace and no NUL character, so ids that differ only by spacing cannot both exist;
+- `prompt`, `response` (pool) and `domain`, `prompt` (eval) are strings, never numbers or objects turned into
+  text; no text field holds a NUL character or a lone UTF-16 surrogate (`"\ud800"`, which JSON can encode but
+  UTF-8 cannot);
+- JSON Lines: blank lines are skipped; `NaN`, `Infinity` and `-Infinity` literals are refused (they are not
+  JSON); an empty file is refused;
+- multiple-choice `choices` are distinct non-blank strings.
 """
 
 from __future__ import annotations
@@ -74,6 +84,7 @@ def data_files(path: str | os.PathLike[str]) -> list[Path]:
 
 def _first_bad_jsonl_line(path: Path) -> str:
     """Find why a JSON Lines file failed to parse, naming the line (only run on the error path)."""
+    kinds: dict[str, tuple[str, int]] = {}
     try:
         with path.open("r", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
@@ -85,9 +96,86 @@ def _first_bad_jsonl_line(path: Path) -> str:
                     return f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
                 if not isinstance(obj, dict):
                     return f"line {lineno} is a JSON {type(obj).__name__}, not an object"
+                for col, value in obj.items():
+                    kind = _json_kind(value)
+                    first = kinds.setdefault(col, (kind, lineno))
+                    if kind != first[0] and {kind, first[0]} - {"null"} and not {kind, first[0]} <= {"int", "float"}:
+                        return (f"column {col!r} mixes JSON types: {first[0]} at line {first[1]}, {kind} at line "
+                                f"{lineno} (a column holds one type)")
     except UnicodeDecodeError as exc:
         return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
     return "could not be parsed"
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return {int: "int", float: "float", str: "string", list: "list", dict: "object"}.get(type(value), "value")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _text_problem(value: Any, *, allow_int: bool = False, is_id: bool = False) -> str | None:
+    """Why a required text value breaks the rules in the module docstring, or None."""
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if value is None:
+        return None  # blank values are reported by the column checks, with the rest of their kind
+    if not isinstance(value, str):
+        return f"is a JSON {type(value).__name__} ({json.dumps(value)[:40]}), not a string"
+    if "\x00" in value:
+        return "contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone UTF-16 surrogate (not encodable as UTF-8)"
+    if is_id and value != value.strip():
+        return f"has leading or trailing whitespace ({value!r})"
+    return None
+
+
+def _check_jsonl_records(path: Path, text_cols: Sequence[str]) -> None:
+    """Parse each line with Python's json to name the exact line of any problem polars would blur or hide."""
+    problems: list[str] = []
+    records = 0
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                records += 1
+                try:
+                    obj = json.loads(line, parse_constant=_refuse_constant)
+                except ValueError as exc:
+                    msg = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+                    problems.append(f"line {lineno} is not valid JSON ({msg}{col})")
+                    continue
+                if not isinstance(obj, dict):
+                    problems.append(f"line {lineno} is a JSON {type(obj).__name__}, not an object")
+                    continue
+                for col in text_cols:
+                    why = _text_problem(obj.get(col), allow_int=col == "example_id", is_id=col == "example_id")
+                    if why:
+                        problems.append(f"line {lineno}: {col} {why}")
+                choices = obj.get("choices")
+                if isinstance(choices, list):
+                    bad = [c for c in choices if not isinstance(c, str) or _text_problem(c)]
+                    if bad:
+                        problems.append(f"line {lineno}: choices must be strings, found {json.dumps(bad)[:60]}")
+                    elif len(set(choices)) != len(choices):
+                        dup = sorted({c for c in choices if choices.count(c) > 1})
+                        problems.append(f"line {lineno}: choices repeat {dup!r}")
+    except UnicodeDecodeError as exc:
+        raise DataContractError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if problems:
+        raise DataContractError(path, f"{len(problems)} bad record(s): {_listing(problems)}")
+    if records == 0:
+        raise DataContractError(path, "file holds no records (it is empty or has only blank lines)")
 
 
 def _read_one(path: Path) -> pl.DataFrame:
@@ -163,11 +251,14 @@ def _read_all(
     root = Path(path)
     frames = []
     for f in data_files(root):
+        if f.suffix.lower() in JSONL_SUFFIXES:
+            _check_jsonl_records(f, string_cols)
         df = _read_one(f)
         _check_columns(df, required, f)
         for col in string_cols:
             df = _as_string_column(df, col, f, allow_int=(col == "example_id"))
         df = df.with_columns(pl.lit(str(f)).alias(_FILE), pl.int_range(pl.len(), dtype=pl.Int64).alias(_ROW))
+        _check_text_content(df, string_cols, f)
         frames.append(df)
     try:
         out = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
@@ -176,6 +267,21 @@ def _read_all(
             root, f"files disagree on column types and cannot be combined: {exc}"
         ) from exc
     return out, root
+
+
+def _check_text_content(df: pl.DataFrame, cols: Sequence[str], file: Path) -> None:
+    """NUL characters in any text column and whitespace around ids (Parquet can hold both), by row."""
+    where = _Where({})
+    items = []
+    for col in cols:
+        nul = df.filter(pl.col(col).str.contains("\x00", literal=True))
+        items += [f"{col} contains a NUL character at {where(r[_FILE], r[_ROW])}"
+                  for r in nul.select(_FILE, _ROW).iter_rows(named=True)]
+    spaced = df.filter(pl.col("example_id") != pl.col("example_id").str.strip_chars())
+    items += [f"example_id {r['example_id']!r} has leading or trailing whitespace at {where(r[_FILE], r[_ROW])}"
+              for r in spaced.select("example_id", _FILE, _ROW).iter_rows(named=True)]
+    if items:
+        raise DataContractError(file, f"{len(items)} bad value(s): {_listing(items)}")
 
 
 def _blank(col: str) -> pl.Expr:
@@ -282,6 +388,10 @@ def load_eval_set(path: str | os.PathLike[str], *, domains: Sequence[str] | None
                 continue
             if len(ch) < 2:
                 problem("multiple-choice row(s) with fewer than 2 choices", rec, f" ({len(ch)} choice)")
+                continue
+            if len(set(ch)) != len(ch):
+                problem("multiple-choice row(s) with repeated choices", rec,
+                        f" ({sorted({c for c in ch if ch.count(c) > 1})!r})")
                 continue
             idx = _as_index(ans)
             if idx is None:

@@ -40,6 +40,14 @@ def example_embeddings(
     t0 = time.perf_counter()
     new = embedder.embed([texts[k] for k in missing]) if missing else None
     seconds = time.perf_counter() - t0
+    ok = np.ones(len(ids), dtype=bool)
+    if new is not None:  # a vector that is not finite or is all zeros never enters the cache
+        bad = ~np.isfinite(new).all(axis=1) | ~np.any(new != 0, axis=1)
+        if bad.any():
+            ok[[missing[k] for k in np.flatnonzero(bad)]] = False
+            good = np.flatnonzero(~bad)
+            missing, new = [missing[k] for k in good], new[good]
+    bad_ids = [ids[k] for k in np.flatnonzero(~ok)]
     dim = new.shape[1] if new is not None else C.shape[1]
     X = np.empty((len(ids), dim), dtype=np.float32)
     if new is not None:
@@ -51,10 +59,16 @@ def example_embeddings(
         current = set(ids)
         old_ids = [key for key in cached if key[0] not in current]
         keep = [cached[k] for k in old_ids]
-        all_ids = ids + [k[0] for k in old_ids]
-        all_h = hashes + [k[1] for k in old_ids]
-        all_X = np.concatenate([X, C[keep]]) if keep else X
+        rows = np.flatnonzero(ok)
+        all_ids = [ids[k] for k in rows] + [k[0] for k in old_ids]
+        all_h = [hashes[k] for k in rows] + [k[1] for k in old_ids]
+        all_X = np.concatenate([X[rows], C[keep]]) if keep else X[rows]
         write_npz(cpath, example_ids=np.asarray(all_ids, dtype=str), text_hashes=np.asarray(all_h, dtype=str), X=all_X)
+    if bad_ids:
+        raise ValueError(
+            f"the embedder {model_id} returned NaN, inf or all-zero vectors for {len(bad_ids)} example(s), e.g. "
+            f"{bad_ids[:10]}: their texts were not cached (the {len(missing)} good new vectors were); fix or "
+            "drop these examples, or check the embedder, then materialise again")
     store.write_embeddings(lineage, ids, X, model_id, version)
     context.log.info(f"embeddings: {len(missing)} new, {len(hit)} cached ({model_id})")
     return dg.MaterializeResult(

@@ -32,9 +32,15 @@ def _leaf_events(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost error message: Dagster wraps the failing step's exception in its own."""
+    """The error to show: the first exception that is not one of Dagster's wrappers around a failing step.
+
+    It stops there rather than at the innermost cause: our own errors (a `DataContractError` naming the file
+    and row) chain the parser's error as their cause, and that raw message is not the one to end on.
+    """
+    import dagster as dg
+
     seen = exc
-    while True:
+    while isinstance(seen, dg.DagsterError):
         inner = getattr(seen, "user_exception", None) or seen.__cause__
         if inner is None or inner is seen:
             break
@@ -171,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         from harp.config import dagster_home, demo_root
-
         from harp.io import check_writable
 
         home = dagster_home()

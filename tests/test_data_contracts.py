@@ -116,7 +116,7 @@ def test_pool_unreadable_and_unsupported(tmp_path):
 
 def test_pool_wrong_type_column(tmp_path):
     p = _jsonl(tmp_path / "pool.jsonl", [{"example_id": "a", "prompt": 3, "response": "r"}])
-    _raises(p, "'prompt'", "strings")
+    _raises(p, "line 1: prompt", "not a string")
 
 
 # ---- eval set --------------------------------------------------------------------------------------------
