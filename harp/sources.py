@@ -26,6 +26,9 @@ def pool_version(pool: pl.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
+MIN_POOL = 10  # the smallest pool every selection method runs on (TSDS needs N >= 10)
+
+
 class PoolSource(BaseModel):
     """The candidate pool (a JSONL/Parquet file or a folder of them) and the proxy eval set."""
 
@@ -74,6 +77,11 @@ class PoolSource(BaseModel):
         for f in self.files():
             frames.append(load_pool(f).with_columns(pl.lit(f.name).alias("source")))
         pool = pl.concat(frames, how="diagonal_relaxed")
+        if pool.height < MIN_POOL:
+            raise DataContractError(
+                self.resolved_pool_path(),
+                f"the pool holds {pool.height} example(s); a selection run needs at least {MIN_POOL} (the TSDS "
+                "baseline samples from K <= N/10 neighbours), checked before any model loads")
         dup = pool.filter(pl.col("example_id").is_duplicated())
         if dup.height:
             listing = ", ".join(

@@ -154,7 +154,8 @@ def test_bad_embeddings_never_enter_the_cache(tmp_path: Path, monkeypatch) -> No
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     pool = tmp_path / "pool.jsonl"
-    pool.write_text(_lines(_row(), _row(example_id="b", prompt="BAD text"), _row(example_id="c")))
+    others = [_row(example_id=f"e{i}", prompt=f"question {i}") for i in range(9)]
+    pool.write_text(_lines(_row(example_id="b", prompt="BAD text"), *others))
     lineage = LineageResource(root=str(tmp_path / "harp"))
     resources = {"pool_source": PoolSourceResource(pool_path=str(pool), eval_path=str(pool)),
                  "lineage": lineage, "embedder": dg.ResourceDefinition.hardcoded_resource(_FlakyEmbedder())}
@@ -164,9 +165,21 @@ def test_bad_embeddings_never_enter_the_cache(tmp_path: Path, monkeypatch) -> No
     error = failure.step_failure_data.error
     assert "NaN, inf or all-zero vectors for 1 example(s), e.g. ['b']" in (error.cause or error).message
     with np.load(store.embedding_cache_path(lineage, _FlakyEmbedder.model_id)) as z:
-        assert sorted(z["example_ids"].tolist()) == ["a", "c"] and np.isfinite(z["X"]).all()
+        assert sorted(z["example_ids"].tolist()) == [f"e{i}" for i in range(9)] and np.isfinite(z["X"]).all()
     # the example fixed at its source: the rerun embeds only it and succeeds
-    pool.write_text(_lines(_row(), _row(example_id="b", prompt="good text"), _row(example_id="c")))
+    pool.write_text(_lines(_row(example_id="b", prompt="good text"), *others))
     again = dg.materialize([pool_examples, example_embeddings], resources=resources)
     emb = again.asset_materializations_for_node("example_embeddings")[0].metadata
-    assert (emb["embedded_new"].value, emb["cached"].value) == (1, 2)
+    assert (emb["embedded_new"].value, emb["cached"].value) == (1, 9)
+
+
+def test_a_pool_too_small_for_every_method_is_refused_up_front(tmp_path: Path) -> None:
+    from harp.sources import MIN_POOL, PoolSource
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(_lines(*[_row(example_id=f"e{i}") for i in range(MIN_POOL - 1)]))
+    with pytest.raises(DataContractError, match=rf"{pool}: the pool holds {MIN_POOL - 1} example\(s\); a selection "
+                       rf"run needs at least {MIN_POOL}"):
+        PoolSource(pool_path=str(pool)).load_pool()
+    pool.write_text(_lines(*[_row(example_id=f"e{i}") for i in range(MIN_POOL)]))
+    assert PoolSource(pool_path=str(pool)).load_pool().height == MIN_POOL

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from helpers import BUDGET, GROWTH, POOL, copy_of, pipeline_defs, trained_leaves
 
+from harp.contracts import DataContractError
 from harp.lineage import LineageStore
 from harp_assets.automation import (
     BATCH_TAG,
@@ -275,3 +276,25 @@ def test_checks_fail_on_corrupted_tables(env):
     chained = _execute(env, dg.RunRequest(job_name="harp_prepare_job", tags={CHAIN_TAG: "test"}))
     reqs = _status_tick(env, LEAF_SENSOR, chained).run_requests
     assert [(r.tags[RANGE_START], r.tags[RANGE_END]) for r in reqs] == [(rep, rep)]
+
+
+def test_a_run_left_by_a_dead_process_does_not_hold_the_sensor(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from harp_assets.recovery import PID_TAG, process_tags
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "pool").mkdir()
+    resources = {"pool_source": PoolSourceResource(pool_path=str(tmp_path / "pool")), "lineage": LineageResource()}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with dg.instance_for_test() as instance:
+        tags = {**process_tags(), PID_TAG: str(gone.pid)}
+        instance.add_run(dg.DagsterRun(job_name="leaf_utilities_job", run_id="r1", status=dg.DagsterRunStatus.STARTED,
+                                       tags=tags))
+        # past the in-flight check, the sensor reads the (empty) pool folder instead of skipping
+        with dg.build_sensor_context(instance=instance, cursor="abc", resources=resources) as ctx, \
+                pytest.raises(DataContractError, match="folder holds no data files"):
+            pool_growth_sensor(ctx)
+        assert instance.get_run_by_id("r1").status == dg.DagsterRunStatus.FAILURE
