@@ -162,6 +162,7 @@ def run_validation(
     if not all(r.success for r in results["leaf_runs"]):
         return results
     t0 = time.perf_counter()
+    wait_for_pool_slot(instance, log=log.info)  # the validation step trains models in the `gpu` pool too
     results["validate"] = definitions.resolve_job_def(harp_validation_job.name).execute_in_process(
         instance=instance, tags=dict(tags or {}))
     results["seconds"]["validate"] = time.perf_counter() - t0

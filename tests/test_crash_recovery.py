@@ -180,3 +180,55 @@ def test_a_step_subprocess_dies_with_its_killed_launcher(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
+
+
+WAITER = """
+import sys
+import dagster as dg
+from harp_assets.recovery import wait_for_pool_slot
+with dg.instance_for_test(temp_dir={home!r}, overrides={limit!r}) as instance:
+    print("waiting", flush=True)
+    wait_for_pool_slot(instance, poll_s=0.2)
+    print("got a slot", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_waiting_for_a_held_slot_sleeps_and_stops_on_sigterm_and_ctrl_c(tmp_path):
+    """A live run holds the only `gpu` slot: a waiter uses almost no CPU, and SIGTERM or SIGINT ends it at once;
+    once the holder's process is gone, the next waiter gets the slot."""
+    import psutil
+
+    home = str(tmp_path / "home")
+    os.makedirs(home)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with dg.instance_for_test(temp_dir=home, overrides=POOL_LIMIT) as instance:
+            run = instance.create_run_for_job(dg.GraphDefinition(name="g").to_job(), tags={
+                **process_tags(), PID_TAG: str(holder.pid),
+                "harp/pid_started": f"{psutil.Process(holder.pid).create_time():.2f}"})
+            instance.handle_new_event(_started_event(run))
+            instance.event_log_storage.initialize_concurrency_limit_to_default("gpu")
+            claim = instance.event_log_storage.claim_concurrency_slot("gpu", run.run_id, "leaf_utilities")
+            assert claim.is_claimed
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                waiter = subprocess.Popen([sys.executable, "-c", WAITER.format(home=home, limit=POOL_LIMIT)],
+                                          stdout=subprocess.PIPE, text=True)
+                assert waiter.stdout.readline().strip() == "waiting"
+                time.sleep(3.0)
+                assert waiter.poll() is None  # still waiting: the slot is held by a live run
+                cpu = psutil.Process(waiter.pid).cpu_times()
+                assert cpu.user + cpu.system < 3.0  # it sleeps (start-up included), no busy loop
+                t0 = time.monotonic()
+                waiter.send_signal(sig)
+                waiter.wait(timeout=10)
+                assert time.monotonic() - t0 < 5 and waiter.returncode != 0
+            holder.kill()
+            holder.wait()
+            waiter = subprocess.run([sys.executable, "-c", WAITER.format(home=home, limit=POOL_LIMIT)],
+                                    capture_output=True, text=True, timeout=120)
+            assert waiter.stdout.split() == ["waiting", "got", "a", "slot"]
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    finally:
+        if holder.poll() is None:
+            holder.kill()
