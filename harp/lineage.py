@@ -130,6 +130,12 @@ SCHEMAS: dict[str, pl.Schema] = {
             "run_id": pl.String,
         }
     ),
+    "selection_commits": pl.Schema(
+        {
+            "run_id": pl.String,
+            "committed_at": UTC_US,
+        }
+    ),
     "run_manifests": pl.Schema(
         {
             "run_id": pl.String,
@@ -188,6 +194,7 @@ TABLE_KINDS: dict[str, str] = {
     "measured_members": "partition",
     "selections": "history",
     "run_manifests": "history",
+    "selection_commits": "history",
     "active_rounds": "history",
     "validation_results": "history",
 }
@@ -198,6 +205,7 @@ KEY_COLUMNS: dict[str, str] = {
     "measured_members": "leaf_id",
     "selections": "selection_id",
     "run_manifests": "run_id",
+    "selection_commits": "run_id",
     "active_rounds": "round_id",
     "validation_results": "validation_id",
 }
@@ -216,6 +224,7 @@ NULLABLE: dict[str, frozenset[str]] = {
     "selections": frozenset({"gain", "predicted_utility", "run_id"}),
     # Manifests written before active rounds existed read these as null.
     "run_manifests": frozenset({"active_rounds", "active_leaves"}),
+    "selection_commits": frozenset(),
     "active_rounds": frozenset({"run_id"}),
     # Without a ground-truth file the harmful/redundant shares are unknown; the full pool has no selection.
     "validation_results": frozenset({"harmful_share", "redundant_share", "selection_id", "run_id"}),
@@ -230,6 +239,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "phi_posteriors": ("leaf_id", "domain"),
     "selections": ("selection_id", "example_id"),
     "run_manifests": ("run_id",),
+    "selection_commits": ("run_id",),
     "active_rounds": ("round_id", "leaf_id"),
     "validation_results": ("validation_id", "method", "domain"),
 }
@@ -346,13 +356,15 @@ FROM d JOIN leaves AS l ON l.leaf_id = d.leaf_id LEFT JOIN u ON u.leaf_id = d.le
 ORDER BY l.leaf_id
 """.strip(),
     # One row per selection run.
-    # `committed`: its run finished writing every selection (the run's manifest, written after all of them,
-    # exists), or it was written outside Dagster (no run id). A run killed half-way is never committed.
+    # `committed`: its run finished writing every selection it makes (the select job's manifest, written after
+    # all of them, exists, or a `selection_commits` row of a job that selects one method), or it was written
+    # outside Dagster (no run id). A run killed half-way is never committed.
     "selection_runs": """
 SELECT selection_id, method, min(created_at) AS created_at, any_value(pool_version) AS pool_version,
        any_value(budget) AS budget, count(*) AS n_examples, max(predicted_utility) AS predicted_utility,
        any_value(run_id) AS run_id,
-       any_value(run_id) IS NULL OR any_value(run_id) IN (SELECT run_id FROM run_manifests) AS committed
+       any_value(run_id) IS NULL OR any_value(run_id) IN (SELECT run_id FROM run_manifests)
+           OR any_value(run_id) IN (SELECT run_id FROM selection_commits) AS committed
 FROM selections GROUP BY selection_id, method
 """.strip(),
     # The rows of each method's newest committed selection (newest created_at; ties broken by selection_id),

@@ -51,8 +51,13 @@ def record_selection(
     budget: int,
     gain: list[float] | None = None,
     predicted: float | None = None,
+    *,
+    commit: bool = False,
 ) -> dict:
-    """Append one selection to the `selections` table; returns metadata shared by every method."""
+    """Append one selection to the `selections` table; returns metadata shared by every method.
+
+    A selection shows in `latest_selections` once its run commits: the select job's manifest commits its
+    four selections together; a job that writes one selection alone passes `commit=True`."""
     table = store.load_leaf_table(lineage)
     pool, version = store.load_pool_artifact(lineage)
     pool_ids = set(pool["example_id"].to_list())
@@ -84,6 +89,10 @@ def record_selection(
         schema_overrides={"gain": pl.Float64, "predicted_utility": pl.Float64, "budget": pl.Int32, "created_at": pl.Datetime("us", "UTC")},
     )
     lineage.append_run("selections", sid, df, exist_ok=True)
+    if commit:
+        lineage.append_run("selection_commits", context.run.run_id, pl.DataFrame(
+            {"run_id": [context.run.run_id], "committed_at": [now]},
+            schema_overrides={"committed_at": pl.Datetime("us", "UTC")}), exist_ok=True)
     return {"selection_id": sid, "selected": n, "budget": budget, "leaves_used": int(np.unique(g).size)}
 
 

@@ -88,7 +88,7 @@ def exhaustive_selection(
     pred = np.asarray(sel.predicted_rows, dtype=np.float64)
     md = record_selection(context, lineage, "exhaustive", ids, settings.top_k_points,
                  np.asarray(sel.row_gain, dtype=np.float64).tolist(),
-                 float(pred[active].mean()) if active.any() else None)
+                 float(pred[active].mean()) if active.any() else None, commit=True)
     # How well HARP's posteriors (from its own leaves only) rank the effects the oracle measured.
     harp_post, pmeta = store.load_posteriors(lineage)
     phi_all = effects.phi_hat  # rows follow idx = every leaf, in index order

@@ -112,19 +112,22 @@ def test_blank_lines_between_records_are_skipped_and_lines_still_named(tmp_path:
 
 
 @pytest.mark.slow
-def test_the_demo_command_ends_on_the_contract_message(tmp_path: Path, tiny_pipeline, monkeypatch, capsys) -> None:
-    """A pool the parser cannot read: the last line names the file and line, not polars' ComputeError."""
-    from harp_demo import run as demo_run
+def test_the_demo_command_ends_on_the_contract_message(tmp_path: Path, tiny_pipeline) -> None:
+    """A pool the parser cannot read: the command's last line names the file and line, not polars' ComputeError."""
+    import os
+    import subprocess
+    import sys
 
     pool = tmp_path / "pool.jsonl"
     pool.write_text(_lines(_row(), '{"example_id": "b", "prompt": "p", "response": NaN}'))
     home = tmp_path / "home"
     home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("HARP_POOL", str(pool))
-    monkeypatch.setenv("HARP_DEMO_DIR", str(tiny_pipeline.root / "demo"))
-    assert demo_run.main(["--no-build"]) == 1
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    env = {**os.environ, "DAGSTER_HOME": str(home), "HARP_POOL": str(pool),
+           "HARP_DEMO_DIR": str(tiny_pipeline.root / "demo"), "HARP_CPU_THREADS": "1"}
+    got = subprocess.run([sys.executable, "-m", "harp_demo.run", "--no-build"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert got.returncode == 1
+    last = got.stderr.strip().splitlines()[-1]
     assert last == (f"error: the HARP pipeline failed: DataContractError: {pool}: 1 bad record(s): line 2 is not "
                     "valid JSON (NaN is not a JSON value)")
 

@@ -87,7 +87,9 @@ def test_the_resources_key_like_the_library():
 
 
 @pytest.mark.slow
-def test_changing_each_field_retrains_every_measured_leaf_and_a_log_setting_none(tiny_pipeline, tmp_path):
+def test_changing_each_field_retrains_every_measured_leaf_and_a_log_setting_none(tiny_pipeline, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setenv("HARP_TRUST_REMOTE_CODE", "1")  # the deployment allows trust_remote_code to be changed
     with copy_of(tiny_pipeline, tmp_path / "copy") as copy:
         table = store.load_leaf_table(copy.lineage)
         reps = set(table.leaf_ids[table.representative].tolist())
