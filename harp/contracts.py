@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,16 +244,34 @@ def _as_string_column(df: pl.DataFrame, col: str, file: Path, *, allow_int: bool
     raise DataContractError(file, f"column {col!r} must hold {kinds}, found type {dtype}")
 
 
+def _check_mapping(columns: Mapping[str, str] | None, allowed: Sequence[str]) -> dict[str, str]:
+    mapping = dict(columns or {})
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ValueError(f"column mapping names {unknown}, which are not columns of this file kind {list(allowed)}")
+    return mapping
+
+
 def _read_all(
-    path: str | os.PathLike[str], required: Sequence[str], string_cols: Sequence[str]
+    path: str | os.PathLike[str], required: Sequence[str], string_cols: Sequence[str],
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[pl.DataFrame, Path]:
-    """Read every file, check its columns, tag rows with their file and row, and concatenate."""
+    """Read every file, rename mapped columns (ours -> the file's), check the columns, tag rows with their
+    file and row, and concatenate."""
     root = Path(path)
+    mapping = _check_mapping(columns, required)
+    theirs = {ours: mapping.get(ours, ours) for ours in string_cols}
     frames = []
     for f in data_files(root):
         if f.suffix.lower() in JSONL_SUFFIXES:
-            _check_jsonl_records(f, string_cols)
+            _check_jsonl_records(f, [theirs[c] for c in string_cols])
         df = _read_one(f)
+        if mapping:
+            clash = [ours for ours, col in mapping.items() if ours in df.columns and col in df.columns and ours != col]
+            if clash:
+                raise DataContractError(f, f"column(s) {clash} exist and are also mapped from other columns "
+                                           f"({', '.join(f'{mapping[c]!r} -> {c!r}' for c in clash)})")
+            df = df.rename({col: ours for ours, col in mapping.items() if col in df.columns})
         _check_columns(df, required, f)
         for col in string_cols:
             df = _as_string_column(df, col, f, allow_int=(col == "example_id"))
@@ -319,12 +337,14 @@ def _check_ids(df: pl.DataFrame, root: Path, where: _Where) -> None:
 
 
 # ---- pool ------------------------------------------------------------------------------------------------
-def load_pool(path: str | os.PathLike[str]) -> pl.DataFrame:
+def load_pool(path: str | os.PathLike[str], *, columns: Mapping[str, str] | None = None) -> pl.DataFrame:
     """Load the candidate pool: unique `example_id`, non-blank `prompt` and `response`; extra columns kept.
 
     Integer ids are accepted and cast to strings. Rows keep file order (files in sorted name order).
+    `columns` maps our column names to the file's (`{"prompt": "instruction", "response": "output"}`); messages
+    name the file's own columns where a JSON line is at fault, ours after renaming.
     """
-    df, root = _read_all(path, POOL_COLUMNS, POOL_COLUMNS)
+    df, root = _read_all(path, POOL_COLUMNS, POOL_COLUMNS, columns)
     where = _Where({})
     _check_ids(df, root, where)
     for col in ("prompt", "response"):
@@ -337,7 +357,9 @@ def load_pool(path: str | os.PathLike[str]) -> pl.DataFrame:
 
 
 # ---- eval set --------------------------------------------------------------------------------------------
-def load_eval_set(path: str | os.PathLike[str], *, domains: Sequence[str] | None = None) -> pl.DataFrame:
+def load_eval_set(
+    path: str | os.PathLike[str], *, domains: Sequence[str] | None = None, columns: Mapping[str, str] | None = None
+) -> pl.DataFrame:
     """Load the evaluation set and normalise each row to multiple choice or exact match.
 
     A row whose `choices` is a non-null list is multiple choice (`kind="choice"`): at least 2 non-blank
@@ -349,7 +371,7 @@ def load_eval_set(path: str | os.PathLike[str], *, domains: Sequence[str] | None
     (Int64, null for exact), answer_text (the right choice's text, or the exact answer), then any extra
     columns as read. With `domains`, every expected domain must have examples and no other may appear.
     """
-    df, root = _read_all(path, EVAL_COLUMNS, ("example_id", "domain", "prompt"))
+    df, root = _read_all(path, EVAL_COLUMNS, ("example_id", "domain", "prompt"), columns)
     where = _Where({})
     _check_ids(df, root, where)
     for col in ("domain", "prompt"):

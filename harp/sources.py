@@ -42,6 +42,11 @@ class PoolSource(BaseModel):
     demo_dir: str | None = Field(
         default=None, description="the demo folder the defaults point into; default: HARP_DEMO_DIR or $DAGSTER_HOME/demo"
     )
+    pool_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="our pool column -> the files' column, e.g. {prompt: instruction, response: output}")
+    eval_columns: dict[str, str] = Field(
+        default_factory=dict, description="our eval column -> the file's column, e.g. {prompt: question}")
 
     def _demo(self) -> Path:
         if self.demo_dir:
@@ -75,7 +80,7 @@ class PoolSource(BaseModel):
         """All pool files, validated one by one (errors name the file), with a `source` column."""
         frames = []
         for f in self.files():
-            frames.append(load_pool(f).with_columns(pl.lit(f.name).alias("source")))
+            frames.append(load_pool(f, columns=self.pool_columns).with_columns(pl.lit(f.name).alias("source")))
         pool = pl.concat(frames, how="diagonal_relaxed")
         if pool.height < MIN_POOL:
             raise DataContractError(
@@ -92,7 +97,7 @@ class PoolSource(BaseModel):
         return pool
 
     def load_eval_set(self) -> pl.DataFrame:
-        return load_eval_set(self.resolved_eval_path())
+        return load_eval_set(self.resolved_eval_path(), columns=self.eval_columns)
 
     @classmethod
     def from_env_or_demo(cls, demo_root: str | os.PathLike | None = None) -> PoolSource:

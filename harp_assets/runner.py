@@ -49,6 +49,21 @@ def _planned_round(select_run: dg.ExecuteInProcessResult) -> list[str]:
     return list(mats[0].metadata["leaves"].value)
 
 
+def root_cause(exc: BaseException) -> str:
+    """The error to show: the first exception that is not one of Dagster's wrappers around a failing step.
+
+    It stops there rather than at the innermost cause: our own errors (a `DataContractError` naming the file
+    and row) chain the parser's error as their cause, and that raw message is not the one to end on.
+    """
+    seen = exc
+    while isinstance(seen, dg.DagsterError):
+        inner = getattr(seen, "user_exception", None) or seen.__cause__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    return f"{type(seen).__name__}: {seen}"
+
+
 def run_leaf_ranges(
     instance: dg.DagsterInstance,
     definitions: dg.Definitions,

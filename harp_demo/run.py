@@ -31,23 +31,6 @@ def _leaf_events(results: dict[str, Any]) -> list[dict[str, Any]]:
             for r in results.get("leaf_runs", []) for m in r.asset_materializations_for_node("leaf_utilities")]
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The error to show: the first exception that is not one of Dagster's wrappers around a failing step.
-
-    It stops there rather than at the innermost cause: our own errors (a `DataContractError` naming the file
-    and row) chain the parser's error as their cause, and that raw message is not the one to end on.
-    """
-    import dagster as dg
-
-    seen = exc
-    while isinstance(seen, dg.DagsterError):
-        inner = getattr(seen, "user_exception", None) or seen.__cause__
-        if inner is None or inner is seen:
-            break
-        seen = inner
-    return f"{type(seen).__name__}: {seen}"
-
-
 def step_seconds(instance: Any, results: dict[str, Any]) -> dict[str, float]:
     """Wall seconds of every step (one per stage) in the runs of one `run_harp` call, from Dagster's step stats."""
     from harp_assets.jobs import ALL_ASSETS
@@ -202,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
     from harp_assets.definitions import defs
-    from harp_assets.runner import run_harp
+    from harp_assets.runner import root_cause, run_harp
 
     lineage = defs.resources["lineage"]
     print(f"materialising the HARP graph on the instance in {home}")
@@ -210,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = run_harp(instance)
         except Exception as exc:  # a failing step raises out of execute_in_process
-            print(f"error: the HARP pipeline failed: {_root_cause(exc)}", file=sys.stderr)
+            print(f"error: the HARP pipeline failed: {root_cause(exc)}", file=sys.stderr)
             return 1
         for stage in ("prepare", "leaf_runs", "select"):
             got = results.get(stage)
@@ -228,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 vres = run_validation(instance)
             except Exception as exc:
-                print(f"error: the validation group failed: {_root_cause(exc)}", file=sys.stderr)
+                print(f"error: the validation group failed: {root_cause(exc)}", file=sys.stderr)
                 return 1
             if not vres.get("validate") or not vres["validate"].success:
                 print("error: the validation group did not finish; see the run in `make ui`", file=sys.stderr)

@@ -53,25 +53,28 @@ def _refuse_remote_code(resource: Any) -> None:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent exits.
+    """In a step subprocess, ask Linux to SIGTERM this process when its parent exits.
 
     A step that holds a model runs in a subprocess of the run worker (`dagster job execute`, the daemon's
-    launches); when the worker is killed, the step would otherwise train to the end, holding the device.
-    No-op where `prctl` is missing (macOS) and for the main process of an in-process run.
+    launches); when the worker is killed, the step would otherwise train to the end, holding the device. A
+    main process (an in-process run, `make demo`, the CLI, a nohup'd benchmark) is left alone: its lifetime is
+    its user's. No-op where `prctl` is missing (macOS).
     """
     import ctypes
+    import multiprocessing
     import signal
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or multiprocessing.parent_process() is None:
         return
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
-from helpers import copy_of, pipeline_defs, pipeline_resources, trained_leaves
+from helpers import PIPELINE_LORA, copy_of, pipeline_defs, pipeline_resources, trained_leaves
 
 from harp import driver, store
 from harp.models.device import Device
@@ -121,3 +121,39 @@ def test_changing_each_field_retrains_every_measured_leaf_and_a_log_setting_none
         assert sorted(driver.stale_harp_leaves(copy.lineage, r["finetuner"], r["evaluator"], r["settings"])) == sorted(reps)
         # back to the first recipe: its leaves are measured again (the stored ones carry the last change)
         assert rerun()[1] and rerun() == ([], [])
+
+
+@pytest.mark.slow
+def test_another_base_model_or_eval_set_makes_every_measured_leaf_stale(tiny_pipeline, tmp_path):
+    """After growth kept every measured leaf, a new base model or an edited eval set still stales them all."""
+    import json
+    import shutil
+
+    with copy_of(tiny_pipeline, tmp_path / "copy") as copy:
+        measured = set(copy.lineage.partition_keys("leaf_utilities"))
+        copy.grow()
+
+        def stale_after_prepare(resources: dict) -> list[str]:
+            prep = pipeline_defs(resources).resolve_job_def("harp_prepare_job").execute_in_process(
+                instance=copy.instance)
+            assert prep.success
+            r = resources
+            return driver.stale_harp_leaves(copy.lineage, r["finetuner"], r["evaluator"], r["settings"])
+
+        assert stale_after_prepare(pipeline_resources(copy.root)) == []  # growth alone: nothing stale
+        # another base model: the same weights under another build fingerprint
+        other = copy.root / "other_model"
+        shutil.copytree(copy.root / "demo" / "base_model", other)
+        info = json.loads((other / "harp_build.json").read_text())
+        (other / "harp_build.json").write_text(json.dumps({**info, "fingerprint": "another-build"}))
+        resources = pipeline_resources(copy.root)
+        resources["finetuner"] = FinetunerResource(base_model=str(other), device=DeviceResource(
+            device="cpu", cpu_threads=1), **PIPELINE_LORA)
+        assert sorted(stale_after_prepare(resources)) == sorted(measured)
+        # back to the first model: its leaves are current again; then one eval question edited
+        assert stale_after_prepare(pipeline_resources(copy.root)) == []
+        eval_path = copy.root / "demo" / "eval.jsonl"
+        rows = [json.loads(line) for line in eval_path.read_text().splitlines() if line.strip()]
+        rows[0]["prompt"] = rows[0]["prompt"] + " (edited)"
+        eval_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert sorted(stale_after_prepare(pipeline_resources(copy.root))) == sorted(measured)

@@ -232,3 +232,16 @@ def test_waiting_for_a_held_slot_sleeps_and_stops_on_sigterm_and_ctrl_c(tmp_path
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def test_a_main_process_whose_parent_is_gone_is_left_alone(tmp_path):
+    """A nohup'd or daemonised run (its parent already exited) keeps running: only step subprocesses die with
+    their parent."""
+    marker = tmp_path / "alive"
+    code = ("import time; time.sleep(1); from harp_resources import die_with_parent; die_with_parent(); "
+            f"time.sleep(0.5); open({str(marker)!r}, 'w').write('yes')")
+    subprocess.run(["sh", "-c", f"{sys.executable} -c \"{code}\" > /dev/null 2>&1 &"], check=True, cwd=os.getcwd())
+    t0 = time.monotonic()
+    while not marker.exists() and time.monotonic() - t0 < 60:
+        time.sleep(0.2)
+    assert marker.exists() and marker.read_text() == "yes"

@@ -1,0 +1,232 @@
+"""`harp-dagster run`: one command from your own pool to a finetuning-ready selection.
+
+    harp-dagster run --pool PATH --eval PATH --base-model PATH_OR_NAME --budget N --home DIR --out DIR
+                     [--seed S] [--methods harp_c,harp_e,tsds,random] [--pool-columns prompt=instruction,...]
+                     [--eval-columns prompt=question,...] [--lora recipe.json]
+
+It validates the inputs first (every bad row named with file, line and reason, before any model loads), then
+materialises the graph through Dagster exactly as `make demo` does (`run_harp`) on the instance in `--home`
+(created with the project's instance config when new, so `dagster dev` can open it later), and writes, per
+method, `OUT/<method>.parquet` and `OUT/<method>.jsonl` with the original columns of the selected examples in
+selection order, plus `OUT/manifest.json`. A second call with nothing changed trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXPORT_METHODS = ("harp_c", "harp_e", "tsds", "random")
+PROJECT_INSTANCE_CONFIG = Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml"
+
+
+class UsageError(Exception):
+    """Bad arguments or inputs: printed as the command's last line, exit code 2."""
+
+
+def _mapping(text: str | None, flag: str) -> dict[str, str]:
+    """`prompt=instruction,response=output` -> {"prompt": "instruction", "response": "output"}."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        ours, sep, theirs = part.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise UsageError(f"{flag}: expected OURS=THEIRS pairs separated by commas, got {part!r}")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
+def _recipe(path: str | None) -> dict[str, Any]:
+    """The LoRA recipe: the demo's, with the fields of a JSON file over it."""
+    from harp.models.finetuner import LoraFinetuner
+    from harp_demo.build import DEMO_LORA
+
+    recipe = dict(DEMO_LORA)
+    if path:
+        try:
+            given = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--lora {path}: cannot read a JSON object ({exc})") from None
+        if not isinstance(given, dict):
+            raise UsageError(f"--lora {path}: expected a JSON object of LoRA fields, got {type(given).__name__}")
+        fields = set(LoraFinetuner.model_fields) - {"base_model", "device"}
+        unknown = sorted(set(given) - fields)
+        if unknown:
+            raise UsageError(f"--lora {path}: unknown field(s) {unknown}; valid fields: {sorted(fields)}")
+        recipe.update(given)
+    return recipe
+
+
+def prepare_home(home: Path) -> None:
+    """An instance folder: created with the project's instance config when new, refused when not writable."""
+    from harp.io import check_writable
+
+    home.mkdir(parents=True, exist_ok=True)
+    check_writable(home)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        shutil.copyfile(PROJECT_INSTANCE_CONFIG, config)
+
+
+def export_selections(lineage: Any, pool: Any, out: Path, methods: list[str], info: dict[str, Any]) -> dict:
+    """Write each method's newest committed selection as Parquet and JSON Lines with the pool's original
+    columns, in selection order, and the manifest; returns the manifest."""
+    import polars as pl
+
+    from harp.io import atomic_write, write_json, write_parquet
+
+    sel = lineage.query("SELECT method, selection_id, rank, example_id, run_id FROM latest_selections "
+                        "ORDER BY method, rank")
+    files: dict[str, Any] = {}
+    for method in methods:
+        rows = sel.filter(pl.col("method") == method)
+        if rows.height == 0 and method not in set(sel["method"].to_list()):
+            continue
+        picked = rows.select("example_id", pl.col("rank").alias("__rank")).join(pool, on="example_id", how="left")
+        picked = picked.sort("__rank").drop("__rank")
+        write_parquet(picked, out / f"{method}.parquet")
+        with atomic_write(out / f"{method}.jsonl") as fh:
+            picked.write_ndjson(fh)
+        files[method] = {
+            "examples": picked.height,
+            "selection_id": rows["selection_id"][0] if rows.height else None,
+            "run_id": rows["run_id"][0] if rows.height else None,
+            "parquet": f"{method}.parquet",
+            "jsonl": f"{method}.jsonl",
+        }
+    manifest = {**info, "methods": files, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    home = Path(args.home).expanduser().resolve()
+    out = Path(args.out).expanduser().resolve()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = sorted(set(methods) - set(EXPORT_METHODS))
+    if bad:
+        raise UsageError(f"--methods: unknown method(s) {bad}; choose from {list(EXPORT_METHODS)}")
+    if args.budget < 1:
+        raise UsageError(f"--budget must be a positive number of examples, got {args.budget}")
+    pool_columns = _mapping(args.pool_columns, "--pool-columns")
+    eval_columns = _mapping(args.eval_columns, "--eval-columns")
+    recipe = _recipe(args.lora)
+    prepare_home(home)
+    os.environ["DAGSTER_HOME"] = str(home)
+
+    from harp.contracts import DataContractError
+    from harp.sources import PoolSource, pool_version
+
+    source = PoolSource(pool_path=str(Path(args.pool).resolve()), eval_path=str(Path(args.eval).resolve()),
+                        pool_columns=pool_columns, eval_columns=eval_columns)
+    try:  # every bad row is named here, before any model loads
+        pool = source.load_pool()
+        eval_set = source.load_eval_set()
+    except (DataContractError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    base_model = args.base_model
+    if not Path(base_model).expanduser().is_dir() and "/" not in base_model:
+        raise UsageError(f"--base-model {base_model}: no such folder (a hub name needs its owner, like org/name, "
+                         "and must be in the local Hugging Face cache)")
+    print(f"harp-dagster: pool {len(pool)} examples from {args.pool}, eval {len(eval_set)} questions in "
+          f"{eval_set['domain'].n_unique()} domain(s); budget {args.budget}; instance {home}", flush=True)
+
+    import dagster as dg
+
+    from harp_assets import definitions
+    from harp_assets.runner import run_harp
+    from harp_resources import (
+        DeviceResource,
+        FinetunerResource,
+        LineageResource,
+        PoolSourceResource,
+        SettingsResource,
+        configured,
+        default_resources,
+    )
+
+    device = DeviceResource(cpu_threads=args.cpu_threads)
+    resources = {
+        **default_resources(),
+        "pool_source": configured(PoolSourceResource, pool_path=source.pool_path, eval_path=source.eval_path,
+                                  pool_columns=pool_columns, eval_columns=eval_columns),
+        "lineage": LineageResource(),
+        "settings": configured(SettingsResource, top_k_points=args.budget, seed=args.seed),
+        "finetuner": configured(FinetunerResource, base_model=str(Path(base_model).expanduser())
+                                if Path(base_model).expanduser().is_dir() else base_model, device=device, **recipe),
+    }
+    defs = dg.Definitions(assets=definitions.defs.assets, asset_checks=definitions.defs.asset_checks,
+                          jobs=definitions.defs.jobs, resources=resources)
+    t0 = time.perf_counter()
+    with dg.DagsterInstance.get() as instance:
+        results = run_harp(instance, defs)
+        failed = [stage for stage in ("prepare", "select") if not results.get(stage) or not results[stage].success]
+        if failed or not all(r.success for r in results.get("leaf_runs", [])):
+            raise RuntimeError(f"the HARP pipeline stopped at stage {failed[0] if failed else 'leaf_runs'!r}; "
+                               f"open the run with `dagster dev` on DAGSTER_HOME={home}")
+        trained = sum(bool(m.metadata["trained"].value) for r in results["leaf_runs"]
+                      for m in r.asset_materializations_for_node("leaf_utilities"))
+    lineage = resources["lineage"]
+    info = {
+        "pool": str(Path(args.pool).resolve()),
+        "pool_version": pool_version(pool.select("example_id", "prompt", "response")),
+        "eval": str(Path(args.eval).resolve()),
+        "base_model": base_model,
+        "budget": args.budget,
+        "seed": args.seed,
+        "lora": recipe,
+        "pool_columns": pool_columns,
+        "eval_columns": eval_columns,
+        "home": str(home),
+        "leaves_trained_this_call": trained,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    manifest = export_selections(lineage, pool, out, methods, info)
+    for method, f in manifest["methods"].items():
+        print(f"  {method:<8} {f['examples']:>7} examples -> {out / f['parquet']}")
+    print(f"harp-dagster: done in {info['seconds']} s, {trained} leaves trained this call; manifest "
+          f"{out / 'manifest.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="harp-dagster", description="HARP data selection on your own data.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="select from your pool and export the selections")
+    r.add_argument("--pool", required=True, help="JSONL/Parquet file, or a folder of them")
+    r.add_argument("--eval", required=True, help="the proxy eval set (JSONL or Parquet), with a domain column")
+    r.add_argument("--base-model", required=True, help="a local model folder, or a hub name in the local cache")
+    r.add_argument("--budget", required=True, type=int, help="examples each selection may hold")
+    r.add_argument("--home", required=True, help="the Dagster instance folder (created when new)")
+    r.add_argument("--out", required=True, help="where the exports and manifest.json go")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--methods", default=",".join(EXPORT_METHODS), help="methods to export (default: all)")
+    r.add_argument("--pool-columns", help="OURS=THEIRS pairs, e.g. prompt=instruction,response=output")
+    r.add_argument("--eval-columns", help="OURS=THEIRS pairs, e.g. prompt=question")
+    r.add_argument("--lora", help="a JSON file of LoRA fields over the default recipe")
+    r.add_argument("--cpu-threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the message, not the traceback, is the last line
+        from harp_assets.runner import root_cause
+
+        print(f"error: {root_cause(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
