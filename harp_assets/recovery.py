@@ -4,14 +4,14 @@ A run executed in process (`run_harp`, `make demo`, the benchmarks) that is kill
 node) stays STARTED in the instance forever, and its `gpu` pool slot stays claimed, so the next leaf run waits
 for a slot no one will give back and the sensors, which wait for in-flight runs, skip forever. Dagster's run
 monitoring cannot see this: the default run launcher has no worker health check, and an in-process run has no
-launcher at all. So every run our code starts carries the host, pid and start time of the process executing it
-(`process_tags`), and `recover_dead_runs`, called before our commands and sensors start anything, marks a run
+launcher at all. So every run carries the host, pid and start time of the process executing it: runs our code
+starts get them at launch (`process_tags`), any other run (the daemon's, the UI's, `dagster job execute`) from
+its first step (`harp_resources.tag_run_worker`). `recover_dead_runs`, called before our commands and sensors start anything, marks a run
 failed when that process is gone, then frees the slots of every run that is no longer in progress.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -19,17 +19,13 @@ from collections.abc import Callable
 import dagster as dg
 import psutil
 
-HOST_TAG = "harp/host"
-PID_TAG = "harp/pid"
-PID_STARTED_TAG = "harp/pid_started"  # the process's start time, so a reused pid is not taken for it
+from harp_resources import HOST_TAG, PID_STARTED_TAG, PID_TAG, process_tags
+
+__all__ = ["GPU_POOL", "HOST_TAG", "PID_STARTED_TAG", "PID_TAG", "process_tags", "recover_dead_runs",
+           "wait_for_pool_slot"]
+
 GPU_POOL = "gpu"
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
-
-
-def process_tags() -> dict[str, str]:
-    """Tags naming this process, for every run it executes in process."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            PID_STARTED_TAG: f"{psutil.Process().create_time():.2f}"}
 
 
 def _alive(pid: int, started: str | None) -> bool:

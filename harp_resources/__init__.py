@@ -36,10 +36,44 @@ __all__ = [
     "ValidationResource",
     "configured",
     "default_resources",
+    "process_tags",
+    "tag_run_worker",
 ]
 
 
 TRUST_REMOTE_CODE_ENV = "HARP_TRUST_REMOTE_CODE"
+
+# Tags naming the process that executes a run (its run worker), so a run that process left in progress when
+# it died can be told from a live one (`harp_assets.recovery`).
+HOST_TAG = "harp/host"
+PID_TAG = "harp/pid"
+PID_STARTED_TAG = "harp/pid_started"  # the process's start time, so a reused pid is not taken for it
+
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """Tags naming process `pid` (default: this one) on this host."""
+    import socket
+
+    import psutil
+
+    pid = os.getpid() if pid is None else pid
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid),
+            PID_STARTED_TAG: f"{psutil.Process(pid).create_time():.2f}"}
+
+
+def tag_run_worker(context: dg.InitResourceContext) -> None:
+    """Tag the run with its run worker's process when nothing tagged it yet (runs the daemon, the UI or
+    `dagster job execute` launched): the worker is this process, or the parent of a step subprocess."""
+    import multiprocessing
+
+    run, instance = getattr(context, "run", None), getattr(context, "instance", None)
+    if run is None or instance is None or PID_TAG in run.tags:
+        return
+    parent = multiprocessing.parent_process()
+    try:
+        instance.add_run_tags(run.run_id, process_tags(parent.pid if parent is not None else None))
+    except Exception:  # a vanished parent, or storage that refuses tags: recovery then leaves this run alone
+        return
 
 
 def _refuse_remote_code(resource: Any) -> None:
@@ -83,6 +117,7 @@ class DeviceResource(dg.ConfigurableResource, Device):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         die_with_parent()  # every step that runs a model has a device: it dies with its run worker
+        tag_run_worker(context)
 
 
 class EmbedderResource(dg.ConfigurableResource, Embedder):
@@ -133,6 +168,9 @@ class ValidationResource(dg.ConfigurableResource, ValidationSettings):
 
 class LineageResource(dg.ConfigurableResource, LineageStore):
     """Lineage store: typed Parquet tables under DAGSTER_HOME plus a DuckDB catalog of views over them."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        tag_run_worker(context)  # every asset writes lineage: every run can be recovered if its worker dies
 
 
 class PoolSourceResource(dg.ConfigurableResource, PoolSource):

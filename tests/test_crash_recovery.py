@@ -177,6 +177,11 @@ def test_a_step_subprocess_dies_with_its_killed_launcher(tmp_path):
         _kill(launcher)
         gone, _ = psutil.wait_procs([step], timeout=30)
         assert gone, "the step process outlived its killed launcher"
+        # the run was tagged with its worker (the launcher) by its first step, so recovery can fail it
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            [run] = _in_progress(instance)
+            assert run.tags[PID_TAG] == str(launcher.pid)
+            assert recover_dead_runs(instance) == [run.run_id] and _in_progress(instance) == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
