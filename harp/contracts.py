@@ -95,7 +95,7 @@ def _first_bad_jsonl_line(path: Path) -> str:
                 except json.JSONDecodeError as exc:
                     return f"line {lineno} is not valid JSON ({exc.msg} at column {exc.colno})"
                 if not isinstance(obj, dict):
-                    return f"line {lineno} is a JSON {type(obj).__name__}, not an object"
+                    return f"line {lineno} is a JSON {_json_kind(obj)}, not an object"
                 for col, value in obj.items():
                     kind = _json_kind(value)
                     first = kinds.setdefault(col, (kind, lineno))
@@ -112,7 +112,7 @@ def _json_kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "bool"
-    return {int: "int", float: "float", str: "string", list: "list", dict: "object"}.get(type(value), "value")
+    return {int: "int", float: "float", str: "string", list: "array", dict: "object"}.get(type(value), "value")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -126,7 +126,7 @@ def _text_problem(value: Any, *, allow_int: bool = False, is_id: bool = False) -
     if value is None:
         return None  # blank values are reported by the column checks, with the rest of their kind
     if not isinstance(value, str):
-        return f"is a JSON {type(value).__name__} ({json.dumps(value)[:40]}), not a string"
+        return f"is a JSON {_json_kind(value)} ({json.dumps(value)[:40]}), not a string"
     if "\x00" in value:
         return "contains a NUL character"
     try:
@@ -156,7 +156,7 @@ def _check_jsonl_records(path: Path, text_cols: Sequence[str]) -> None:
                     problems.append(f"line {lineno} is not valid JSON ({msg}{col})")
                     continue
                 if not isinstance(obj, dict):
-                    problems.append(f"line {lineno} is a JSON {type(obj).__name__}, not an object")
+                    problems.append(f"line {lineno} is a JSON {_json_kind(obj)}, not an object")
                     continue
                 for col in text_cols:
                     why = _text_problem(obj.get(col), allow_int=col == "example_id", is_id=col == "example_id")
