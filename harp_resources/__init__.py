@@ -7,6 +7,7 @@ model code lives in `harp/`, which never imports this package or Dagster.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -199,7 +200,11 @@ def configured(cls: type[dg.ConfigurableResource], **values: Any) -> dg.Configur
             if default is None:
                 continue
         info = cls.model_fields[name]
-        fields[name] = (info.annotation, FieldInfo.merge_field_infos(info, default=default))
+        if info.default_factory is not None:  # a mutable default (a mapping, a list): a fresh copy per instance
+            merged = FieldInfo.merge_field_infos(info, default_factory=lambda v=default: copy.deepcopy(v))
+        else:
+            merged = FieldInfo.merge_field_infos(info, default=default)
+        fields[name] = (info.annotation, merged)
     sub = create_model(cls.__name__, __base__=cls, __module__=cls.__module__, __doc__=cls.__doc__, **fields)
     return sub(**explicit)
 
