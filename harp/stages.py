@@ -236,11 +236,12 @@ def update_leaf_table(
         return build("rebuilt", rebuild_reason) if rebuild_reason else build("built", None)
     if previous.dim != X.shape[1]:
         return build("rebuilt", f"the embedding dimension changed ({previous.dim} -> {X.shape[1]})")
-    same_rows = previous.n_examples == ids.size and set(zip(previous.example_ids.tolist(),
-                                                            previous.example_content.tolist(), strict=True)) == set(
-        zip(ids.tolist(), hashes.tolist(), strict=True))
-    if same_rows:
+    before = set(zip(previous.example_ids.tolist(), previous.example_content.tolist(), strict=True))
+    now = set(zip(ids.tolist(), hashes.tolist(), strict=True))
+    if before == now:
         return LeafTableUpdate(previous, "unchanged")
+    if not before & now:
+        return build("rebuilt", "no example of the previous pool is left unchanged")
     live = set(previous.leaf_ids.tolist())
     growth = grow_leaf_table(
         previous, X, ids, content_all=hashes, frozen=[f for f in frozen if f in live],

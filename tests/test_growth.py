@@ -616,3 +616,18 @@ def test_a_rebuild_names_its_leaves_in_a_new_generation(base):
     third = update_leaf_table(None, X, ids.tolist(), content, seed=0, config=cfg, max_leaf_size=100,
                               known_leaf_ids=["L00003", "P1x0000d2"], rebuild_reason="format")
     assert third.how == "rebuilt" and {tree_generation(x) for x in third.table.leaf_ids.tolist()} == {2}
+
+
+def test_a_pool_replaced_whole_is_rebuilt_not_grown(base):
+    from harp.stages import update_leaf_table
+
+    X, ids, _, _ = base
+    cfg = dict(leaf_size=20, leaves_per_parent=4, parents_per_region=4)
+    first = update_leaf_table(None, X, ids.tolist(), ["c"] * N, seed=0, config=cfg, max_leaf_size=100)
+    other = [f"new{i}" for i in range(N)]
+    again = update_leaf_table(first.table, X, other, ["c"] * N, seed=0, config=cfg, max_leaf_size=100)
+    assert again.how == "rebuilt" and "no example of the previous pool" in again.reason
+    assert again.table.leaf_ids[0] == "L1x00000" and again.table.example_ids.tolist() == other
+    same = update_leaf_table(first.table, X[::-1], ids[::-1].tolist(), ["c"] * N, seed=0, config=cfg,
+                             max_leaf_size=100)
+    assert same.how == "unchanged" and same.table is first.table  # the same rows in another order
