@@ -3,8 +3,8 @@
 First build: cluster the pool (`stages.build_hierarchy`). Later builds keep the persisted leaf table and update
 it (`stages.update_leaf_table`): measured leaves keep their member sets, so their cached utilities stay exact;
 new examples near them gather in delta leaves; a removed or edited example makes only its own leaf stale.
-Each measured leaf's drift (how far its members moved since its measurement) goes to the `leaves` table and,
-for leaves that changed, onto the leaf's partition in the UI as an observation.
+Each measured leaf's drift (how far its members moved since its measurement) is in the catalog's `leaf_drift`
+view and, for leaves that changed, on the leaf's partition in the UI as an observation.
 """
 
 
