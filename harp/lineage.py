@@ -321,7 +321,7 @@ ORDER BY change, example_id
 """.strip(),
 }
 
-# Extra views in the catalog, built from the table views.
+# Extra views in the catalog, built from the table views (in this order: a view may use the ones before it).
 CONVENIENCE_VIEWS: dict[str, str] = {
     # One row per current leaf with a stored measurement: the member set the measurement was made on (its
     # hash and data version) against the leaf's members now, over (example id, content hash) pairs.
@@ -375,6 +375,27 @@ JOIN (
     SELECT method, selection_id FROM selection_runs WHERE committed
     QUALIFY row_number() OVER (PARTITION BY method ORDER BY created_at DESC, selection_id DESC) = 1
 ) AS latest ON latest.method = s.method AND latest.selection_id = s.selection_id
+""".strip(),
+    # Why each example of each method's newest selection is there: one row per (example, domain) with its
+    # leaf, parent and region, the leaf's per-domain posterior (measured or inferred), the example's rank and
+    # marginal gain, and the leaf's greedy rank (the order in which the selection first took its leaves).
+    "selection_explanations": """
+WITH by_leaf AS (
+    SELECT selection_id, leaf_id, min(rank) AS first_rank, count(*) AS leaf_examples_selected
+    FROM latest_selections GROUP BY selection_id, leaf_id
+), ranked AS (
+    SELECT *, dense_rank() OVER (PARTITION BY selection_id ORDER BY first_rank) AS leaf_greedy_rank FROM by_leaf
+)
+SELECT s.method, s.selection_id, s.rank, s.example_id, s.leaf_id, s.parent_id, l.region_id,
+       l.is_representative, r.leaf_greedy_rank, r.leaf_examples_selected, s.gain AS marginal_gain,
+       p.domain, p.mean AS phi_mean, p.sd AS phi_sd,
+       CASE WHEN p.measured THEN 'measured' WHEN p.measured IS NULL THEN NULL ELSE 'inferred' END AS phi_source,
+       p.active_domain
+FROM latest_selections AS s
+LEFT JOIN leaves AS l ON l.leaf_id = s.leaf_id
+LEFT JOIN ranked AS r ON r.selection_id = s.selection_id AND r.leaf_id = s.leaf_id
+LEFT JOIN phi_posteriors AS p ON p.leaf_id = s.leaf_id
+ORDER BY s.method, s.rank, p.domain
 """.strip(),
 }
 

@@ -88,12 +88,30 @@ def record_selection(
         },
         schema_overrides={"gain": pl.Float64, "predicted_utility": pl.Float64, "budget": pl.Int32, "created_at": pl.Datetime("us", "UTC")},
     )
+    previous = lineage.query("SELECT selection_id, example_id, leaf_id FROM latest_selections WHERE method = $m",
+                             {"m": method})
     lineage.append_run("selections", sid, df, exist_ok=True)
     if commit:
         lineage.append_run("selection_commits", context.run.run_id, pl.DataFrame(
             {"run_id": [context.run.run_id], "committed_at": [now]},
             schema_overrides={"committed_at": pl.Datetime("us", "UTC")}), exist_ok=True)
-    return {"selection_id": sid, "selected": n, "budget": budget, "leaves_used": int(np.unique(g).size)}
+    return {"selection_id": sid, "selected": n, "budget": budget, "leaves_used": int(np.unique(g).size),
+            **selection_diff(previous, example_ids, table.leaf_ids[g].tolist())}
+
+
+def selection_diff(previous: pl.DataFrame, example_ids: list[str], leaf_ids: list[str]) -> dict:
+    """What changed against the method's previous committed selection: examples and leaves added, removed, kept
+    (the catalog's `selection_diff` query gives the rows)."""
+    old_ex, new_ex = set(previous["example_id"].to_list()), set(example_ids)
+    old_leaves, new_leaves = set(previous["leaf_id"].to_list()), set(leaf_ids)
+    return {
+        "previous_selection_id": previous["selection_id"][0] if previous.height else "",
+        "examples_added": len(new_ex - old_ex),
+        "examples_removed": len(old_ex - new_ex),
+        "examples_kept": len(new_ex & old_ex),
+        "leaves_added": dg.MetadataValue.json(sorted(new_leaves - old_leaves)[:50]),
+        "leaves_removed": dg.MetadataValue.json(sorted(old_leaves - new_leaves)[:50]),
+    }
 
 
 def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore, key: str):

@@ -604,3 +604,17 @@ def test_query_cannot_read_files_outside_the_lineage_folder(populated: LineageSt
         with pytest.raises(duckdb.Error, match="(?i)permission|external access|disabled"):
             populated.query(sql)
     assert populated.query("SELECT count(*) AS n FROM examples")["n"][0] == 5  # the views still read their files
+
+
+def test_selection_explanations_by_hand(populated: LineageStore) -> None:
+    """harp_c's newest selection took e1 (L1), e4 (L3), e3 (L2): leaves in greedy order L1, L3, L2."""
+    got = populated.query("SELECT * FROM selection_explanations WHERE method = 'harp_c' AND domain = 'd1' "
+                          "ORDER BY rank")
+    assert got.select("example_id", "leaf_id", "region_id", "leaf_greedy_rank", "marginal_gain").rows() == [
+        ("e1", "L1", "R1", 1, 0.08), ("e4", "L3", "R1", 2, 0.05), ("e3", "L2", "R1", 3, 0.02)]
+    assert got.select("phi_mean", "phi_sd", "phi_source", "is_representative").rows() == [
+        (0.08, 0.02, "measured", True), (0.1, 0.1, "inferred", True), (0.05, 0.1, "inferred", False)]
+    assert populated.query("SELECT count(*) AS n FROM selection_explanations WHERE method = 'harp_c'")["n"][0] == 6
+    rand = populated.query("SELECT DISTINCT example_id, leaf_greedy_rank, marginal_gain FROM selection_explanations "
+                           "WHERE method = 'random' ORDER BY leaf_greedy_rank")
+    assert rand.rows() == [("e5", 1, None), ("e1", 2, None)]

@@ -122,6 +122,15 @@ def test_second_run_with_nothing_changed_trains_no_leaf(pipeline):
     n_methods = lineage.query("SELECT count(DISTINCT method) AS n FROM selections")["n"][0]
     assert n_methods >= 2 and n_sel == 2 * n_methods  # two runs x each non-empty method, history kept
     assert os.path.isfile(lineage.catalog_path)
+    # each selection says what changed against the previous one: nothing, as nothing changed
+    for method in ("harp_c", "harp_e", "tsds", "random"):
+        first, second = metadata(pipeline.first.results["select"], f"{method}_selection"), metadata(
+            again["select"], f"{method}_selection")
+        assert first["previous_selection_id"] == "" and first["examples_added"] == first["selected"]
+        assert second["previous_selection_id"] == first["selection_id"]
+        assert (second["examples_added"], second["examples_removed"], second["examples_kept"]) == (
+            0, 0, second["selected"])
+        assert second["leaves_added"] == second["leaves_removed"] == []
 
 
 def test_pool_growth_keeps_measured_leaves_exact_and_trains_none(pipeline):
