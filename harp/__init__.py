@@ -26,6 +26,7 @@ _EXPORTS = {
     "Hierarchy": "harp.method",
     "Posteriors": "harp.method",
     "HarpSelection": "harp.method",
+    "LeafExecution": "harp.backends",
     "Device": "harp.models.device",
     "Embedder": "harp.models.embedder",
     "LoraFinetuner": "harp.models.finetuner",

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from harp import stages, store
+from harp import backends, stages, store
+from harp.backends import LeafExecution
 from harp.config import HarpSettings
 from harp.lineage import LineageStore
 from harp.method import (
@@ -172,9 +173,16 @@ def measure_leaf_partitions(
     keys: Sequence[str],
     *,
     run_id: str,
+    execution: LeafExecution | None = None,
+    log: Any = None,
 ) -> Iterator[LeafOutcome]:
     """Measure each requested leaf whose stored data version is not the expected one, writing its
-    correctness and lineage rows; yields one outcome per key, in order, as soon as it is done."""
+    correctness and lineage rows; yields one outcome per key as soon as it is done (the up-to-date ones
+    first, then the trained ones in the order they finish).
+
+    `execution` says where the cycles run (default: in this process; `harp.backends`). A leaf that fails
+    every attempt raises `LeafExecutionError` naming it, after every other leaf was written.
+    """
     table = store.load_leaf_table(lineage)
     pool, _ = store.load_pool_artifact(lineage)
     eval_set, _ = store.load_eval_artifact(lineage)
@@ -190,22 +198,24 @@ def measure_leaf_partitions(
     prompts = pool["prompt"].gather(rows).to_list()
     responses = pool["response"].gather(rows).to_list()
     n_eval = {d: int(c) for d, c in zip(*np.unique(np.asarray(base.domains), return_counts=True), strict=True)}
+    index: dict[str, int] = {}
     for key in keys:
         try:
-            g = table.index_of(key)
+            index[key] = table.index_of(key)
         except KeyError:
             raise ValueError(
                 f"leaf partition {key!r} is not in the current leaf table (retired by a split?); "
                 "materialise only current leaf ids"
             ) from None
-        dv = versions[key]
-        if store.stored_version(lineage, key) == dv:
-            yield LeafOutcome(leaf_id=key, trained=False, data_version=dv, examples=int(table.leaf_sizes[g]),
-                              seconds=0.0, member_hash=table.member_hash(g))
-            continue
-        m = stages.measure_leaf(
-            finetuner, evaluator, *stages.leaf_examples(table, prompts, responses, g), eval_set, seed=settings.seed
-        )
+    jobs = []
+    for key, g in index.items():
+        if store.stored_version(lineage, key) == versions[key]:
+            yield LeafOutcome(leaf_id=key, trained=False, data_version=versions[key],
+                              examples=int(table.leaf_sizes[g]), seconds=0.0, member_hash=table.member_hash(g))
+        else:
+            jobs.append(backends.LeafJob(key, *stages.leaf_examples(table, prompts, responses, g)))
+    for key, m in backends.run_leaves(execution, finetuner, evaluator, jobs, eval_set, seed=settings.seed, log=log):
+        g, dv = index[key], versions[key]
         effects = stages.main_effects({0: m}, base, domains, n_boot=settings.n_boot, seed=settings.seed)
         now = dt.datetime.now(dt.timezone.utc)
         d = len(domains)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from harp import driver, stages
+from harp.backends import LeafExecution
 from harp.config import HarpSettings
 from harp.method import validate_embeddings
 from harp.method.selection import HarpSelection
@@ -183,6 +184,7 @@ def harp(
     active_rounds: int = 0,
     tokenizer: Any = None,
     log: stages.LogTarget = None,
+    execution: LeafExecution | None = None,
 ) -> HarpResult:
     """Select train examples with HARP-C and HARP-E under the point budget `TOP_K_POINTS` (None: no cap).
 
@@ -192,6 +194,7 @@ def harp(
     (training and scoring always use the model's). `log` receives progress lines (a logger or a callable).
     `active_rounds` rounds of `active_runs` extra leaves each (default none) measure the unmeasured leaves
     most likely to change the expansive selection before it is made, as the asset graph's active round does.
+    `execution` says where leaf cycles run: in this process (default) or on Ray actors (`harp.backends`).
 
     `info` keys: domains, base_scores, phi_hat / phi_var (measured leaves, rows in measured_leaves order),
     phi_mean / phi_sd (every leaf), measured_leaves, active_domains, inactive_domains, active_mask,
@@ -277,7 +280,8 @@ def harp(
     def measure(leaves: list[int]) -> None:
         t = time.perf_counter()
         measurements.update(stages.measure_leaves(finetuner, evaluator, hierarchy, prompts, responses,
-                                                  eval_examples, leaf_ids=leaves, seed=seed, log=log))
+                                                  eval_examples, leaf_ids=leaves, seed=seed, log=log,
+                                                  execution=execution))
         seconds["leaf_measurements"] = seconds.get("leaf_measurements", 0.0) + time.perf_counter() - t
 
     def refit(round_number: int) -> list[int]:

@@ -16,16 +16,15 @@ in the initialisation (common random numbers).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import polars as pl
 
+from harp.backends import LeafExecution, LeafJob, LeafMeasurement, measure_leaf, run_leaves
 from harp.method import (
     GrowthResult,
     HarpSelection,
@@ -45,7 +44,8 @@ from harp.method import (
     tsds_select,
 )
 from harp.models.evaluator import EvalResult, Evaluator, parse_eval_set
-from harp.models.finetuner import LoraFinetuner, train_and_evaluate
+from harp.models.finetuner import LoraFinetuner
+from harp.progress import LogTarget, Progress, emit
 
 __all__ = [
     "HIERARCHY_KEYS",
@@ -72,7 +72,6 @@ __all__ = [
 
 logger = logging.getLogger("harp.stages")
 
-LogTarget = Callable[[str], None] | logging.Logger | logging.LoggerAdapter | None
 
 # Keyword arguments of build_parent_leaf_hierarchy that a hierarchy config may set (the seed comes apart).
 HIERARCHY_KEYS: tuple[str, ...] = (
@@ -84,22 +83,6 @@ HIERARCHY_KEYS: tuple[str, ...] = (
     "niter",
     "use_gpu",
 )
-# The leaf loop reports at most this often (seconds), besides its first and last leaf.
-_LOG_EVERY_S = 30.0
-
-
-def emit(log: Any, message: str) -> None:
-    """Progress to a logger (anything with `.info`, e.g. Dagster's `context.log`) or to a callable."""
-    if log is None:
-        logger.info(message)
-    elif hasattr(log, "info"):
-        log.info(message)
-    elif callable(log):
-        log(message)
-    else:
-        raise TypeError(
-            f"log must be a logging.Logger, a callable taking a string, or None; got {type(log).__name__}"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -298,133 +281,6 @@ def score_base(finetuner: LoraFinetuner, evaluator: Evaluator, eval_set: Any) ->
         return evaluator.evaluate(model, tok, eval_set)
 
 
-@dataclass(frozen=True, eq=False)
-class LeafMeasurement:
-    """One train-and-evaluate cycle: correctness aligned with the eval set's row order, and its cost."""
-
-    example_ids: tuple[str, ...]  # eval example ids, eval-set order
-    domains: tuple[str, ...]  # domain of each eval row
-    correct: np.ndarray  # (n_eval,) float32 in {0, 1}
-    per_domain: dict[str, float]  # mean correctness per domain name (U_d of the leaf)
-    n_train: int
-    train_steps: int
-    train_tokens: int
-    first_loss: float
-    last_loss: float
-    train_seconds: float
-    eval_seconds: float
-    seconds: float  # the whole cycle, wall clock
-    seed: int
-
-    def __post_init__(self) -> None:
-        if self.correct.shape != (len(self.example_ids),) or len(self.domains) != len(self.example_ids):
-            raise ValueError(
-                f"LeafMeasurement: {len(self.example_ids)} example ids, {len(self.domains)} domains and "
-                f"correct of shape {self.correct.shape} must align"
-            )
-        self.correct.flags.writeable = False
-
-    def summary(self) -> dict[str, Any]:
-        """Scalars for metadata (and, with `to_frame`, all that `from_frame` needs)."""
-        return {
-            "n_train": self.n_train,
-            "train_steps": self.train_steps,
-            "train_tokens": self.train_tokens,
-            "first_loss": self.first_loss,
-            "last_loss": self.last_loss,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
-            "seconds": self.seconds,
-            "seed": self.seed,
-            "per_domain": dict(self.per_domain),
-        }
-
-    def to_frame(self) -> pl.DataFrame:
-        """Per-example correctness, one row per eval example in eval-set order."""
-        return pl.DataFrame(
-            {
-                "example_id": list(self.example_ids),
-                "domain": list(self.domains),
-                "correct": self.correct.astype(np.float32),
-            },
-            schema={"example_id": pl.String, "domain": pl.String, "correct": pl.Float32},
-        )
-
-    @classmethod
-    def from_frame(cls, frame: pl.DataFrame, summary: Mapping[str, Any]) -> LeafMeasurement:
-        """Rebuild a measurement from `to_frame()` and `summary()` (e.g. after persisting them)."""
-        missing = [c for c in ("example_id", "domain", "correct") if c not in frame.columns]
-        if missing:
-            raise ValueError(f"leaf measurement frame lacks column(s) {missing}; it has {frame.columns}")
-        need = (
-            "n_train",
-            "train_steps",
-            "train_tokens",
-            "first_loss",
-            "last_loss",
-            "train_seconds",
-            "eval_seconds",
-            "seconds",
-            "seed",
-        )
-        absent = [k for k in need if k not in summary]
-        if absent:
-            raise ValueError(f"leaf measurement summary lacks key(s) {absent}")
-        correct = frame["correct"].to_numpy().astype(np.float32)
-        domains = tuple(frame["domain"].to_list())
-        per_domain = summary.get("per_domain") or {
-            d: float(correct[np.asarray(domains) == d].mean()) for d in sorted(set(domains))
-        }
-        return cls(
-            example_ids=tuple(frame["example_id"].to_list()),
-            domains=domains,
-            correct=correct,
-            per_domain={str(k): float(v) for k, v in per_domain.items()},
-            n_train=int(summary["n_train"]),
-            train_steps=int(summary["train_steps"]),
-            train_tokens=int(summary["train_tokens"]),
-            first_loss=float(summary["first_loss"]),
-            last_loss=float(summary["last_loss"]),
-            train_seconds=float(summary["train_seconds"]),
-            eval_seconds=float(summary["eval_seconds"]),
-            seconds=float(summary["seconds"]),
-            seed=int(summary["seed"]),
-        )
-
-
-def measure_leaf(
-    finetuner: LoraFinetuner,
-    evaluator: Evaluator,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    eval_set: Any,
-    *,
-    seed: int,
-) -> LeafMeasurement:
-    """Train the adapter from its seeded start on one leaf's examples and score it on the proxy set."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if len(prompts) == 0:
-        raise ValueError("a leaf needs at least one training example")
-    t0 = time.perf_counter()
-    stats, result = train_and_evaluate(finetuner, evaluator, prompts, responses, eval_set, seed=seed)
-    return LeafMeasurement(
-        example_ids=tuple(result.example_ids),
-        domains=tuple(result.domains),
-        correct=np.asarray(result.correct, dtype=np.float32).copy(),
-        per_domain=dict(result.per_domain),
-        n_train=stats.examples,
-        train_steps=stats.steps,
-        train_tokens=stats.tokens,
-        first_loss=stats.first_loss,
-        last_loss=stats.last_loss,
-        train_seconds=stats.seconds,
-        eval_seconds=result.seconds,
-        seconds=time.perf_counter() - t0,
-        seed=int(seed),
-    )
-
-
 def validate_examples(
     finetuner: LoraFinetuner,
     evaluator: Evaluator,
@@ -484,49 +340,6 @@ def embed_text(prompt: str, response: str) -> str:
     return f"{prompt}\n{response}"
 
 
-def _fmt_s(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-class Progress:
-    """Count, rate and time left of a loop with a known total, reported at most every `every_s` seconds.
-
-    `weight` lets the time left follow the work (training examples) rather than the item count.
-    """
-
-    def __init__(self, total: int, log: LogTarget = None, *, what: str = "leaf", plural: str = "leaves",
-                 total_weight: float | None = None, weight_unit: str | None = None,
-                 every_s: float = _LOG_EVERY_S) -> None:
-        self.total, self.log, self.what, self.plural, self.every_s = int(total), log, what, plural, every_s
-        self.weight_unit = weight_unit
-        self.total_weight = float(total if total_weight is None else total_weight)
-        self.count, self.weight = 0, 0.0
-        self.t0 = self._last = time.perf_counter()
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def step(self, detail: str = "", weight: float = 1.0) -> None:
-        self.count += 1
-        self.weight += weight
-        now = time.perf_counter()
-        if self.count == 1 or self.count == self.total or now - self._last >= self.every_s:
-            elapsed = now - self.t0
-            rate = self.count / elapsed if elapsed > 0 else float("inf")
-            left = (self.total_weight - self.weight) * elapsed / self.weight if self.weight else float("nan")
-            per = f", {self.weight / max(elapsed, 1e-9):.1f} {self.weight_unit}/s" if self.weight_unit else ""
-            emit(self.log, f"{self.what} {self.count}/{self.total}" + (f" ({detail})" if detail else "")
-                 + f"; {rate:.2f} {self.plural}/s{per}, about {_fmt_s(left)} left")
-            self._last = now
-
-
 def measure_leaves(
     finetuner: LoraFinetuner,
     evaluator: Evaluator,
@@ -538,11 +351,13 @@ def measure_leaves(
     leaf_ids: Any = None,
     seed: int,
     log: LogTarget = None,
+    execution: LeafExecution | None = None,
 ) -> dict[int, LeafMeasurement]:
     """Measure each leaf in `leaf_ids` (default: the representatives), in ascending id order.
 
     `prompts`/`responses` are the whole pool, indexed by the hierarchy's rows; a leaf trains on its
-    members nearest-the-centroid first. Reports counts, rates and the time left as it goes.
+    members nearest-the-centroid first. `execution` says where the cycles run (default: in this process;
+    `harp.backends`). Reports counts, rates and the time left as it goes.
     """
     n_pool = hierarchy.n_examples
     if len(prompts) != n_pool or len(responses) != n_pool:
@@ -562,14 +377,12 @@ def measure_leaves(
     emit(log, f"measuring {total} leaves ({total_rows} training examples) of {hierarchy.n_leaves}")
     out: dict[int, LeafMeasurement] = {}
     progress = Progress(total, log, total_weight=total_rows, weight_unit="examples")
-    for g in ids.tolist():
-        m = measure_leaf(
-            finetuner, evaluator, *leaf_examples(hierarchy, prompts, responses, g), eval_set, seed=seed
-        )
+    jobs = [LeafJob(g, *leaf_examples(hierarchy, prompts, responses, g)) for g in ids.tolist()]
+    for g, m in run_leaves(execution, finetuner, evaluator, jobs, eval_set, seed=seed, log=log):
         out[g] = m
         progress.step(f"id {g}, {m.n_train} examples, loss {m.first_loss:.3f} -> {m.last_loss:.3f}, "
                       f"{m.seconds:.2f} s", weight=m.n_train)
-    return out
+    return {g: out[g] for g in sorted(out)}
 
 
 # --------------------------------------------------------------------------------------------------------

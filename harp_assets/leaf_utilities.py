@@ -6,7 +6,9 @@ eval set, the seed, and every measurement field of the finetuner and the evaluat
 stored rows carry that version is skipped, so re-materialising with nothing changed trains no leaf.
 
 Every key of a partition range runs in one step, so the base model loads once per run
-(`BackfillPolicy.single_run`). The step records each leaf's own materialization, with its own data version,
+(`BackfillPolicy.single_run`). The `leaf_execution` resource says where the cycles run: in the step's process,
+or fanned out over a pool of Ray actors that each keep the base model loaded (docs/scale-out.md); the step
+writes every partition the same way either way. The step records each leaf's own materialization, with its own data version,
 as soon as the leaf is done, so the UI shows progress leaf by leaf and every partition its own version.
 """
 
@@ -19,7 +21,13 @@ from harp_assets.base_scores import base_model_scores
 from harp_assets.groups import MEASURE
 from harp_assets.hierarchy import LEAVES_PARTITIONS, leaf_hierarchy
 from harp_assets.sources import pool_examples, proxy_eval_set
-from harp_resources import EvaluatorResource, FinetunerResource, LineageResource, SettingsResource
+from harp_resources import (
+    EvaluatorResource,
+    FinetunerResource,
+    LeafExecutionResource,
+    LineageResource,
+    SettingsResource,
+)
 
 
 @dg.asset(
@@ -37,13 +45,15 @@ def leaf_utilities(
     evaluator: EvaluatorResource,
     settings: SettingsResource,
     lineage: LineageResource,
+    leaf_execution: LeafExecutionResource,
 ) -> Iterator[dg.AssetMaterialization]:
     """Per-domain utility U_d and phi = U_d - b_d of a LoRA adapter trained on one leaf; cached by content hash."""
     keys = list(context.partition_keys)
     progress = stages.Progress(len(keys), context.log, what="leaf partition", plural="partitions")
     cycle_seconds = 0.0
     for leaf in driver.measure_leaf_partitions(lineage, finetuner, evaluator, settings, keys,
-                                               run_id=context.run.run_id):
+                                               run_id=context.run.run_id, execution=leaf_execution,
+                                               log=context.log):
         cycle_seconds += leaf.seconds
         progress.step(f"{leaf.leaf_id}: " + (f"trained on {leaf.examples} examples in {leaf.seconds:.2f} s, "
                       + ", ".join(f"phi[{d}]={v:+.3f}" for d, v in leaf.phi.items()) if leaf.trained

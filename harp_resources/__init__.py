@@ -15,6 +15,7 @@ import dagster as dg
 from pydantic import Field, create_model
 from pydantic.fields import FieldInfo
 
+from harp.backends import LeafExecution
 from harp.config import HarpSettings, ValidationSettings, demo_root
 from harp.lineage import LineageStore
 from harp.models.ann import AnnSearch
@@ -31,6 +32,7 @@ __all__ = [
     "EmbedderResource",
     "EvaluatorResource",
     "FinetunerResource",
+    "LeafExecutionResource",
     "LineageResource",
     "PoolSourceResource",
     "SettingsResource",
@@ -174,6 +176,10 @@ class LineageResource(dg.ConfigurableResource, LineageStore):
         tag_run_worker(context)  # every asset writes lineage: every run can be recovered if its worker dies
 
 
+class LeafExecutionResource(dg.ConfigurableResource, LeafExecution):
+    """Where leaf cycles run: in the step's process (`local`) or on a pool of Ray actors (`ray`)."""
+
+
 class PoolSourceResource(dg.ConfigurableResource, PoolSource):
     """The candidate pool (a JSONL/Parquet file or a folder of them) and the proxy eval set."""
 
@@ -216,7 +222,8 @@ def _env(name: str) -> Any:
 
 def default_resources() -> dict[str, Any]:
     """The demo configuration; HARP_POOL, HARP_EVAL, HARP_BASE_MODEL, HARP_TEST, HARP_GROUND_TRUTH,
-    HARP_CPU_THREADS and HARP_DEMO_DIR override it."""
+    HARP_CPU_THREADS and HARP_DEMO_DIR override it, and HARP_LEAF_BACKEND, HARP_RAY_ADDRESS, HARP_RAY_ACTORS
+    and HARP_RAY_GPUS_PER_ACTOR choose where leaves train (docs/scale-out.md)."""
     from harp_demo.build import DEMO_LORA, VALIDATION_LORA
 
     device = DeviceResource(cpu_threads=int(os.environ.get("HARP_CPU_THREADS", "0")))
@@ -235,4 +242,20 @@ def default_resources() -> dict[str, Any]:
         "validation_finetuner": configured(FinetunerResource, base_model=base_model, device=device,
                                            **VALIDATION_LORA),
         "validation": validation,
+        "leaf_execution": leaf_execution_from_env(),
     }
+
+
+def leaf_execution_from_env() -> LeafExecutionResource:
+    """`LeafExecutionResource` from HARP_LEAF_BACKEND (local|ray), HARP_RAY_ADDRESS, HARP_RAY_ACTORS and
+    HARP_RAY_GPUS_PER_ACTOR; unset variables keep the defaults (local, in the step's process)."""
+    values: dict[str, Any] = {"backend": _env("HARP_LEAF_BACKEND"), "ray_address": _env("HARP_RAY_ADDRESS")}
+    numbers = {"actors": ("HARP_RAY_ACTORS", int), "gpus_per_actor": ("HARP_RAY_GPUS_PER_ACTOR", float)}
+    for name, (var, kind) in numbers.items():
+        raw = os.environ.get(var)
+        if raw:
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
+    return configured(LeafExecutionResource, **{k: v for k, v in values.items() if v is not None})

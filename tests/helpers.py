@@ -154,13 +154,15 @@ def build_tiny_demo(root: Path) -> None:
 
 
 def pipeline_resources(root: Path, *, settings: dict | None = None, lora: dict | None = None,
-                       evaluator: dict | None = None, device: dict | None = None) -> dict[str, Any]:
+                       evaluator: dict | None = None, device: dict | None = None,
+                       leaf_execution: dict | None = None) -> dict[str, Any]:
     """The pipeline's resources over the demo under `root`, on one CPU thread."""
     from harp_resources import (
         DeviceResource,
         EmbedderResource,
         EvaluatorResource,
         FinetunerResource,
+        LeafExecutionResource,
         LineageResource,
         PoolSourceResource,
         SettingsResource,
@@ -181,6 +183,7 @@ def pipeline_resources(root: Path, *, settings: dict | None = None, lora: dict |
                                                   **{**recipe, "epochs": 1}),
         "validation": ValidationResource(test_path=str(demo / "test.jsonl"),
                                          ground_truth_path=str(demo / "ground_truth.parquet")),
+        "leaf_execution": LeafExecutionResource(**(leaf_execution or {})),
     }
 
 
