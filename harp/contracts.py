@@ -4,10 +4,15 @@ Every problem raises one `DataContractError` whose message names the file and th
 that a bad record is fixed at its source instead of surfacing later as a cryptic failure deep in a run.
 These functions only read; the writers at the end write atomically (temporary file, then `os.replace`).
 
-Formats: JSON Lines (`.jsonl`, `.ndjson`) or Parquet (`.parquet`, `.pq`), chosen by suffix, or a folder of
-such files (top level only, read in sorted file-name order and concatenated; hidden files and files with
-other suffixes are skipped with a warning). Rows are located as `row N` (0-based record index within its
-file); for JSON Lines the 1-based `line` is given as well.
+Formats: JSON Lines (`.jsonl`, `.ndjson`), Parquet (`.parquet`, `.pq`) or Arrow (`.arrow`), chosen by suffix,
+or a folder of such files (top level only, read in sorted file-name order and concatenated; hidden files and
+files with other suffixes are skipped with a warning). Two Hugging Face layouts are read as they are:
+- a `datasets` folder written by `save_to_disk`: a `Dataset` (its `state.json` lists the Arrow shards, read
+  in that order) or a `DatasetDict` (`dataset_dict.json`; its `train` split, or the one folder named);
+- a hub-style dataset folder: Parquet shards under `data/` (searched below it), the `train-*` shards when
+  the shard names carry a split.
+Rows are located as `row N` (0-based record index within its file); for JSON Lines the 1-based `line` is
+given as well.
 
 Text rules, checked before anything else reads the data (so a model never loads on bad input):
 - `example_id` is a string, or an integer (cast to a string; a boolean is not an integer); it has no leading or
@@ -39,7 +44,9 @@ log = logging.getLogger("harp.data")
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-SUPPORTED_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+ARROW_SUFFIXES = (".arrow",)
+SUPPORTED_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+HF_SPLITS = ("train", "validation", "test")
 POOL_COLUMNS = ("example_id", "prompt", "response")
 EVAL_COLUMNS = ("example_id", "domain", "prompt", "answer")
 _SHOW = 10  # offending ids listed per message; the count says how many there are in all
@@ -58,16 +65,16 @@ class DataContractError(ValueError):
 
 # ---- reading ---------------------------------------------------------------------------------------------
 def data_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The files a path stands for: itself, or the supported files in a folder in sorted name order."""
+    """The files a path stands for: itself, the shards of a Hugging Face dataset folder, or the supported
+    files in a folder in sorted name order."""
     p = Path(path)
     if not p.exists():
         raise DataContractError(p, "no such file or folder")
     if p.is_dir():
-        files, skipped = [], []
-        for q in sorted(p.iterdir(), key=lambda q: q.name):
-            if not q.is_file() or q.name.startswith((".", "_")):
-                continue
-            (files if q.suffix.lower() in SUPPORTED_SUFFIXES else skipped).append(q)
+        hf = _hf_files(p)
+        if hf is not None:
+            return hf
+        files, skipped = _listed(p)
         if skipped:
             log.warning("%s: skipped files without a data suffix: %s", p, ", ".join(q.name for q in skipped))
         if not files:
@@ -80,6 +87,51 @@ def data_files(path: str | os.PathLike[str]) -> list[Path]:
             p, f"unsupported file suffix {p.suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     return [p]
+
+
+def _listed(folder: Path) -> tuple[list[Path], list[Path]]:
+    files, skipped = [], []
+    for q in sorted(folder.iterdir(), key=lambda q: q.name):
+        if not q.is_file() or q.name.startswith((".", "_")):
+            continue
+        (files if q.suffix.lower() in SUPPORTED_SUFFIXES else skipped).append(q)
+    return files, skipped
+
+
+def _hf_files(folder: Path) -> list[Path] | None:
+    """The shards of a Hugging Face dataset folder, or None when `folder` is not one."""
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            splits = list(json.loads((folder / "dataset_dict.json").read_text())["splits"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataContractError(folder / "dataset_dict.json", f"unreadable DatasetDict index ({exc})") from exc
+        if "train" not in splits:
+            raise DataContractError(folder, f"this DatasetDict has no `train` split; name one of its splits "
+                                            f"as the path: {', '.join(str(folder / s) for s in splits)}")
+        return data_files(folder / "train")
+    if (folder / "state.json").is_file():
+        try:
+            names = [d["filename"] for d in json.loads((folder / "state.json").read_text())["_data_files"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataContractError(folder / "state.json", f"unreadable `datasets` state ({exc})") from exc
+        files = [folder / n for n in names]
+        missing = [n for n, f in zip(names, files, strict=True) if not f.is_file()]
+        if missing or not files:
+            raise DataContractError(folder, f"`datasets` folder without its shards: missing {missing or 'all'}")
+        return files
+    data = folder / "data"
+    if data.is_dir() and not _listed(folder)[0]:
+        shards = sorted((q for q in data.rglob("*") if q.is_file() and q.suffix.lower() in SUPPORTED_SUFFIXES
+                         and not q.name.startswith((".", "_"))), key=lambda q: str(q.relative_to(data)))
+        split_of = {q: next((s for s in HF_SPLITS if q.name.startswith(f"{s}-") or q.parent.name == s), None)
+                    for q in shards}
+        if any(split_of.values()):
+            shards = [q for q in shards if split_of[q] == "train"]
+            if not shards:
+                raise DataContractError(data, "the shards carry splits but none is `train`; name a shard folder "
+                                              "or file as the path")
+        return shards or None
+    return None
 
 
 def _first_bad_jsonl_line(path: Path) -> str:
@@ -183,6 +235,11 @@ def _read_one(path: Path) -> pl.DataFrame:
     try:
         if suffix in PARQUET_SUFFIXES:
             df = pl.read_parquet(path)
+        elif suffix in ARROW_SUFFIXES:  # `datasets` writes the streaming format; plain Arrow files the other
+            try:
+                df = pl.read_ipc_stream(path)
+            except Exception:  # noqa: BLE001 - not a stream: try the file format, which reports its own error
+                df = pl.read_ipc(path, memory_map=False)
         else:
             df = pl.read_ndjson(path, infer_schema_length=None)
     except Exception as exc:  # polars raises several error types for malformed input
@@ -190,7 +247,8 @@ def _read_one(path: Path) -> pl.DataFrame:
             raise DataContractError(
                 path, f"unreadable JSON Lines file: {_first_bad_jsonl_line(path)}"
             ) from exc
-        raise DataContractError(path, f"unreadable Parquet file ({type(exc).__name__}: {exc})") from exc
+        kind = "Arrow" if suffix in ARROW_SUFFIXES else "Parquet"
+        raise DataContractError(path, f"unreadable {kind} file ({type(exc).__name__}: {exc})") from exc
     if df.height == 0:
         raise DataContractError(path, "file holds no records")
     return df
