@@ -7,6 +7,7 @@ import pytest
 
 from harp.method.envelopes import (
     ENVELOPES,
+    GREEDY_KERNELS,
     active_domains,
     envelope_objective,
     envelope_values,
@@ -48,11 +49,12 @@ def _direct_gains(phi, base, chosen, envelope, active=None) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("kernel", GREEDY_KERNELS)
 @pytest.mark.parametrize("envelope", ENVELOPES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_gains_and_choices_match_direct_formula(seed, envelope):
+def test_gains_and_choices_match_direct_formula(seed, envelope, kernel):
     phi, base = _instance(seed)
-    res = greedy_taskaware(phi, base, envelope, early_stop=False)
+    res = greedy_taskaware(phi, base, envelope, early_stop=False, kernel=kernel)
     assert res.complete and sorted(res.order.tolist()) == list(range(phi.shape[0]))
     chosen: list[int] = []
     for k, g in enumerate(res.order.tolist()):
@@ -62,11 +64,12 @@ def test_gains_and_choices_match_direct_formula(seed, envelope):
         chosen.append(g)
 
 
+@pytest.mark.parametrize("kernel", GREEDY_KERNELS)
 @pytest.mark.parametrize("envelope", ENVELOPES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_exact_ties_go_to_lowest_leaf_id(seed, envelope):
+def test_exact_ties_go_to_lowest_leaf_id(seed, envelope, kernel):
     phi, base = _instance(seed, dyadic=True)
-    res = greedy_taskaware(phi, base, envelope, early_stop=False)
+    res = greedy_taskaware(phi, base, envelope, early_stop=False, kernel=kernel)
     chosen: list[int] = []
     n_ties = 0
     for k, g in enumerate(res.order.tolist()):
@@ -249,12 +252,13 @@ def test_identical_inputs_give_identical_results_and_inputs_are_untouched():
     np.testing.assert_array_equal(base, base0)
 
 
-def test_larger_instance_with_compaction_matches_direct_objective():
+@pytest.mark.parametrize("kernel", GREEDY_KERNELS)
+def test_larger_instance_with_compaction_matches_direct_objective(kernel):
     rng = np.random.default_rng(99)
     phi = rng.normal(0.0, 0.05, size=(300, 5))
     base = np.array([0.0, 0.1, 0.5, 0.95, 1.0])
     for envelope in ENVELOPES:
-        res = greedy_taskaware(phi, base, envelope, early_stop=False)
+        res = greedy_taskaware(phi, base, envelope, early_stop=False, kernel=kernel)
         assert res.complete and np.unique(res.order).size == 300
         f_all = [envelope_objective(phi, base, res.order[:k], envelope)[0] for k in (0, 50, 160, 240, 300)]
         for k, f in zip((50, 160, 240, 300), f_all[1:], strict=True):

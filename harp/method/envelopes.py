@@ -9,7 +9,8 @@ With ``phi+ = max(phi, 0)``, ``phi- = max(-phi, 0)`` (posterior means) and base 
 - ``F(S) = sum over active domains d of y_d(S)``.
 
 Numerics: everything runs in float64. The greedy keeps the (active domains x leaves) matrix transposed so
-that each step is a handful of contiguous numpy passes over it, and computes a leaf's per-domain gain as
+that each step is a handful of contiguous numpy passes over it (or, by default, one compiled pass:
+:mod:`harp.method.greedy_kernel`, bit-identical), and computes a leaf's per-domain gain as
 ``clip(shift_d + delta[g, d], -y_d, 1 - y_d)``; a leaf with no effect on a domain therefore gains exactly 0
 there, and two leaves whose effects saturate the same clip gain bit-identical amounts, so plateaus and ties
 in the running sum are exact rather than rounding noise. Gains agree with the direct formula
@@ -27,6 +28,7 @@ from harp.validate import check_int
 
 __all__ = [
     "ENVELOPES",
+    "GREEDY_KERNELS",
     "GreedyResult",
     "active_domains",
     "envelope_objective",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 ENVELOPES: tuple[str, ...] = ("conservative", "expansive")
+
+# Implementations of the greedy loop: the compiled one (default) and the numpy reference.
+GREEDY_KERNELS: tuple[str, ...] = ("numba", "numpy")
 
 # Stop reasons reported by greedy_taskaware.
 STOP_COMPLETE = "complete"  # every leaf ranked
@@ -220,11 +225,12 @@ def greedy_taskaware(
     leaf_sizes: Any = None,
     budget_points: int | None = None,
     early_stop: bool = True,
+    kernel: str = "numba",
 ) -> GreedyResult:
     """Rank leaves by greedy marginal gain of ``F`` and cut at the best prefix.
 
     Each step adds the leaf with the largest ``F(S + g) - F(S)`` (negative gains included, ties to the
-    lowest leaf id) from one vectorised pass over the remaining leaves, with per-domain running state
+    lowest leaf id) from one pass over the remaining leaves, with per-domain running state
     (HARP-C: best positive effect ``M_d`` and summed harm ``N_d``; HARP-E: ``V_d = b_d + sum phi``) updated
     for the chosen leaf only. Chosen leaves are masked; the working matrix is compacted only when half of
     it is masked, so the copying is amortised.
@@ -250,8 +256,15 @@ def greedy_taskaware(
     (shortest on ties) is final. The max/sum over R are taken at the last compaction (an upper bound, as R
     only shrinks) and set to 0 exactly when no positive entry is left in a domain. Pass ``early_stop=False``
     for the full ranking; the cut and kept set are the same (in exact arithmetic).
+
+    ``kernel``: ``"numba"`` (default) runs the whole ranking as one compiled loop that reads each working
+    column once per step (:mod:`harp.method.greedy_kernel`, several times faster at scale); ``"numpy"``
+    runs the vectorised numpy passes described above and is kept as the reference the kernel is tested
+    against. Both give the same order, gains (bit for bit), cut, stop reason and ``rows_scanned``.
     """
     envelope = validate_envelope(envelope)
+    if kernel not in GREEDY_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid kernels are {', '.join(map(repr, GREEDY_KERNELS))}")
     phi = _as_phi(phi)
     G, D = phi.shape
     b = _as_base(base, D)
@@ -272,6 +285,49 @@ def greedy_taskaware(
         budget = check_int(budget_points, "budget_points", minimum=0)
 
     conservative = envelope == "conservative"
+    if kernel == "numba":
+        from harp.method import greedy_kernel  # numba is imported only when the kernel is used
+
+        order, gains_arr, stop, rows_scanned = greedy_kernel.rank(
+            phi, b, act, conservative, limit, sizes, budget, early_stop
+        )
+    else:
+        order, gains_arr, stop, rows_scanned = _rank_numpy(
+            phi, b, act, conservative, limit, sizes, budget, early_stop
+        )
+    running = np.cumsum(gains_arr)
+    cut = _best_prefix(running)
+    objective, predicted = envelope_objective(phi, b, order[:cut], envelope, act)
+    empty_objective, _ = envelope_objective(phi, b, [], envelope, act)
+    return GreedyResult(
+        order=_readonly(order),
+        gains=_readonly(gains_arr),
+        running=_readonly(running),
+        cut=cut,
+        empty_prefix_best=cut == 0,
+        predicted=_readonly(predicted),
+        objective=objective,
+        empty_objective=empty_objective,
+        envelope=envelope,
+        active=_readonly(act),
+        stop_reason=stop,
+        n_leaves=G,
+        rows_scanned=rows_scanned,
+    )
+
+
+def _rank_numpy(
+    phi: np.ndarray,
+    b: np.ndarray,
+    act: np.ndarray,
+    conservative: bool,
+    limit: int,
+    sizes: np.ndarray | None,
+    budget: int | None,
+    early_stop: bool,
+) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """The reference greedy loop in numpy passes: (order, gains, stop reason, rows scanned)."""
+    G = phi.shape[0]
     # Working matrix: active domains x remaining leaves, contiguous along leaves.
     work = np.ascontiguousarray(phi[:, act].T)
     ba = b[act]
@@ -380,24 +436,4 @@ def greedy_taskaware(
             buf = np.empty_like(work)
             rem_stat, pos_count = bound_stats()
 
-    order = order[:k].copy()
-    gains_arr = gains_out[:k].copy()
-    running = np.cumsum(gains_arr)
-    cut = _best_prefix(running)
-    objective, predicted = envelope_objective(phi, b, order[:cut], envelope, act)
-    empty_objective, _ = envelope_objective(phi, b, [], envelope, act)
-    return GreedyResult(
-        order=_readonly(order),
-        gains=_readonly(gains_arr),
-        running=_readonly(running),
-        cut=cut,
-        empty_prefix_best=cut == 0,
-        predicted=_readonly(predicted),
-        objective=objective,
-        empty_objective=empty_objective,
-        envelope=envelope,
-        active=_readonly(act),
-        stop_reason=stop,
-        n_leaves=G,
-        rows_scanned=rows_scanned,
-    )
+    return order[:k].copy(), gains_out[:k].copy(), stop, rows_scanned
