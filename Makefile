@@ -34,6 +34,7 @@ lint: setup
 bench-method: setup
 	mkdir -p reports
 	$(PY) benchmarks/greedy_speed.py --json reports/greedy_speed.json
+	$(PY) benchmarks/greedy_kernel.py --json reports/greedy_kernel.json --markdown docs/benchmark/greedy_kernel.md
 	$(PY) benchmarks/hierarchy_speed.py --sizes 100000,1000000 --json reports/hierarchy_speed.json
 
 # Model layer: embedder throughput against the bare forward.

@@ -1,8 +1,9 @@
 """Speed of the HARP greedy ranking against this machine's memory bandwidth.
 
-Each greedy step is a few elementwise numpy passes over the (active domains x remaining leaves) float64
-matrix, so a step should run near memory (or last-level cache) speed. The script measures the bandwidth
-first (single-threaded numpy, like the greedy), then times:
+Each greedy step reads the (active domains x remaining leaves) float64 matrix, so a step should run near
+memory (or last-level cache) speed. The script measures the bandwidth first (single-threaded, like the
+greedy), then times ``greedy_taskaware`` with ``--kernel`` (default ``numba``, the compiled loop that
+``harp_select`` runs; ``numpy`` is the reference of a few elementwise passes per step):
 
 1. G=2,000 leaves x D=57 domains ranked to the full order (``early_stop=False``), both envelopes;
 2. G=20,000 x 57 with ~100-row leaves until a 20% point budget is reached, both envelopes, once without
@@ -10,15 +11,17 @@ first (single-threaded numpy, like the greedy), then times:
    noisy effects the bound often ends the ranking long before the budget, HARP-C after a few leaves
    because every further leaf brings harms on about half the domains).
 
-"Input bytes per step" counts the float64 arrays a step must read once (HARP-E: phi; HARP-C: phi and its
-negative part) over the columns still in the working matrix; the passes also read and write a scratch
-buffer, so the real traffic is 3-5x (E) or 8-10x (C) that. The matrices here (at most 20,000 x 57 x 8 B
-= 9 MB each) may sit in the last-level cache, in which case the achieved rate can exceed DRAM bandwidth.
+"Input bytes per step" counts the float64 arrays a step must read once over the columns still in the
+working matrix: the kernel reads phi only; numpy reads phi (HARP-E) or phi and its stored negative part
+(HARP-C), and its passes also read and write a scratch buffer, so its real traffic is 3-5x (E) or 8-10x (C)
+that. The matrices here (at most 20,000 x 57 x 8 B = 9 MB each) may sit in the last-level cache, in which
+case the achieved rate can exceed DRAM bandwidth. ``benchmarks/greedy_kernel.py`` compares the two
+implementations per step at 20,000 and 100,000 leaves.
 
 Effects are synthetic: posterior means ~ N(domain offset, 0.03) with offsets ~ N(0, 0.01), bases uniform
 in [0.05, 0.95], so some domains saturate and the clip is exercised.
 
-    .venv/bin/python benchmarks/greedy_speed.py [--json PATH] [--bw-gib 1.0] [--repeats 3]
+    .venv/bin/python benchmarks/greedy_speed.py [--json PATH] [--bw-gib 1.0] [--repeats 3] [--kernel numba]
 """
 
 from __future__ import annotations
@@ -35,9 +38,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harp.io import write_json
-from harp.method.envelopes import ENVELOPES, greedy_taskaware  # noqa: E402
+from harp.method.envelopes import ENVELOPES, GREEDY_KERNELS, greedy_taskaware  # noqa: E402
 
-_ARRAYS_READ = {"conservative": 2, "expansive": 1}
+# float64 arrays of the working matrix's size that one step reads, per kernel and envelope.
+_ARRAYS_READ = {
+    "numba": {"conservative": 1, "expansive": 1},
+    "numpy": {"conservative": 2, "expansive": 1},
+}
 
 
 def measure_bandwidth(gib: float, repeats: int) -> dict[str, float]:
@@ -70,18 +77,19 @@ def synthetic_effects(G: int, D: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return phi, base
 
 
-def time_greedy(phi, base, envelope, repeats, **kwargs) -> dict[str, float | int | str]:
+def time_greedy(phi, base, envelope, repeats, kernel="numba", **kwargs) -> dict[str, float | int | str]:
     best = float("inf")
     res = None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        res = greedy_taskaware(phi, base, envelope, **kwargs)
+        res = greedy_taskaware(phi, base, envelope, kernel=kernel, **kwargs)
         best = min(best, time.perf_counter() - t0)
     steps = int(res.order.size)
-    input_bytes = float(res.rows_scanned) * phi.shape[1] * 8 * _ARRAYS_READ[envelope]
+    input_bytes = float(res.rows_scanned) * phi.shape[1] * 8 * _ARRAYS_READ[kernel][envelope]
     sec_per_step = best / max(steps, 1)
     return {
         "envelope": envelope,
+        "kernel": kernel,
         "G": int(phi.shape[0]),
         "D": int(phi.shape[1]),
         "seconds": best,
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--g-budget", type=int, default=20_000)
     ap.add_argument("--budget-frac", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel", choices=GREEDY_KERNELS, default="numba", help="greedy implementation to time")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.bw_gib <= 0 or not 0 < args.budget_frac <= 1:
         ap.error("--repeats must be >= 1, --bw-gib > 0, --budget-frac in (0, 1]")
@@ -113,22 +122,25 @@ def main(argv: list[str] | None = None) -> int:
     bw = measure_bandwidth(args.bw_gib, args.repeats)
     print(
         f"bandwidth ({args.bw_gib:g} GiB float64, best of {args.repeats}): "
-        f"read {bw['read_bytes_per_s'] / 1e9:.2f} GB/s, copy {bw['copy_bytes_per_s'] / 1e9:.2f} GB/s"
+        f"read {bw['read_bytes_per_s'] / 1e9:.2f} GB/s, copy {bw['copy_bytes_per_s'] / 1e9:.2f} GB/s; "
+        f"greedy kernel: {args.kernel}"
     )
 
+    greedy_taskaware(np.ones((2, 2)), np.zeros(2), "expansive", kernel=args.kernel)  # compile before timing
     runs = []
+    kern = args.kernel
     phi, base = synthetic_effects(args.g_full, args.domains, args.seed)
     for envelope in ENVELOPES:
-        runs.append({"case": "full_order", **time_greedy(phi, base, envelope, args.repeats, early_stop=False)})
+        runs.append({"case": "full_order", **time_greedy(phi, base, envelope, args.repeats, kern, early_stop=False)})
 
     phi, base = synthetic_effects(args.g_budget, args.domains, args.seed + 1)
     sizes = np.random.default_rng(args.seed + 2).integers(50, 151, size=args.g_budget)
     budget = int(args.budget_frac * sizes.sum())
     for envelope in ENVELOPES:
         # Without the early stop the ranking runs to the budget: the steady-state cost per step.
-        full = time_greedy(phi, base, envelope, 1, leaf_sizes=sizes, budget_points=budget, early_stop=False)
+        full = time_greedy(phi, base, envelope, 1, kern, leaf_sizes=sizes, budget_points=budget, early_stop=False)
         # With it (as harp_select runs): the bound may end the ranking first; the cut must agree.
-        fast = time_greedy(phi, base, envelope, 1, leaf_sizes=sizes, budget_points=budget, early_stop=True)
+        fast = time_greedy(phi, base, envelope, 1, kern, leaf_sizes=sizes, budget_points=budget, early_stop=True)
         for case, r in (("budget", full), ("budget+bound", fast)):
             runs.append(
                 {"case": case, "budget_points": budget, "total_points": int(sizes.sum()),
@@ -151,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "bandwidth": bw,
             "runs": runs,
             "dtype": "float64",
+            "kernel": args.kernel,
         }
         write_json(args.json, payload)
         print(f"wrote {args.json}")
