@@ -2,8 +2,9 @@
 
 The tokenizer is a byte-level BPE (any text encodes, no unknown tokens) whose post-processor prepends BOS,
 so `tokenizer(prompt)` starts with BOS the way many hub tokenizers do, and the model is a GPT-2 style
-decoder. Both are saved as an ordinary Hugging Face directory that `AutoTokenizer` and
-`AutoModelForCausalLM` load.
+decoder (or, with `architecture="llama"`, a Llama style one: the architecture vLLM serves LoRA adapters
+for, used by scripts/gpu_check.py). Both are saved as an ordinary Hugging Face directory that
+`AutoTokenizer` and `AutoModelForCausalLM` load.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from harp.io import file_lock, replace_dir, temp_prefix
 
@@ -32,6 +33,7 @@ BUILD_FILE = "harp_build.json"
 # Bumped whenever the recipe changes in a way that changes the trained weights for the same inputs.
 _RECIPE_VERSION = 1
 _MIN_VOCAB = 256 + 4  # the byte alphabet plus the four special tokens
+ARCHITECTURES = ("gpt2", "llama")
 
 
 def _check_texts(texts: Sequence[str], what: str) -> list[str]:
@@ -147,8 +149,10 @@ def train_small_causal_lm(
     seed: int = 0,
     max_seconds: float | None = None,
     log_every: int = 50,
+    architecture: str = "gpt2",
 ) -> Path:
-    """Train (or reuse) a small GPT-2 style causal LM on `texts` and return its directory.
+    """Train (or reuse) a small GPT-2 (or Llama, `architecture="llama"`) style causal LM on `texts` and
+    return its directory.
 
     Every text is one sequence `<s> text </s>` (truncated to `n_positions`), so a model sees its inputs
     starting at position 0 exactly as prompts arrive at evaluation. Batches are drawn from a seeded
@@ -162,6 +166,8 @@ def train_small_causal_lm(
         raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r}: expected one of {ARCHITECTURES}")
     dest = Path(out_dir)
     recipe = {
         "vocab_size": vocab_size,
@@ -174,6 +180,8 @@ def train_small_causal_lm(
         "lr": lr,
         "weight_decay": weight_decay,
     }
+    if architecture != "gpt2":  # absent for GPT-2, so the fingerprints of existing models stay valid
+        recipe["architecture"] = architecture
     fingerprint = build_fingerprint(texts, recipe, seed)
     if _is_complete(dest, fingerprint):
         log.info("base model at %s is up to date (fingerprint %s), not retraining", dest, fingerprint[:12])
@@ -202,22 +210,37 @@ def _train_and_save(
     for t in texts:
         ids = tokenizer(t, add_special_tokens=True)["input_ids"][: n_pos - 1] + [tokenizer.eos_token_id]
         seqs.append(torch.tensor(ids, dtype=torch.long))
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=n_pos,
-        n_embd=recipe["n_embd"],
-        n_layer=recipe["n_layer"],
-        n_head=recipe["n_head"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
+    model: GPT2LMHeadModel | LlamaForCausalLM
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
+    if recipe.get("architecture", "gpt2") == "llama":
+        # Untied head: the plainest Llama layout, which every vLLM version serves LoRA adapters for.
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=recipe["n_embd"],
+            intermediate_size=4 * recipe["n_embd"],
+            num_hidden_layers=recipe["n_layer"],
+            num_attention_heads=recipe["n_head"],
+            num_key_value_heads=recipe["n_head"],
+            max_position_embeddings=n_pos,
+            tie_word_embeddings=False,
+            **special,
+        ))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=n_pos,
+            n_embd=recipe["n_embd"],
+            n_layer=recipe["n_layer"],
+            n_head=recipe["n_head"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            **special,
+        ))
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "training a %.2fM-parameter causal LM on %d texts (%d steps, batch %d) into %s",
