@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental demo validate ui demo-data
+.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental demo validate ui demo-data gpu-check
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,12 @@ bench: setup
 # (committed, quoted by the README) is docs/benchmark/incremental.md; working files go to reports/incremental/.
 bench-incremental: setup
 	$(PY) -m benchmarks.incremental --out docs/benchmark/incremental
+
+# The GPU checks (docs/scale-out.md#the-gpu-check): one line per check, within 8 minutes; without CUDA the CPU
+# variants run and the GPU-only check is skipped. GPU_CHECK_FLAGS: e.g. --require-gpu, --only faiss,vllm.
+GPU_CHECK_FLAGS ?=
+gpu-check: setup
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(GPU_CHECK_FLAGS)
 
 # The Dagster UI on the demo, bound to loopback. `exec` under a launcher that restores default SIGINT/SIGTERM
 # handling: a shell started without a terminal leaves them ignored, and then Ctrl-C would not stop dagster.
