@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental demo validate ui demo-data gpu-check
+.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental bench-ray demo validate ui demo-data gpu-check
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,11 @@ bench: setup
 # (committed, quoted by the README) is docs/benchmark/incremental.md; working files go to reports/incremental/.
 bench-incremental: setup
 	$(PY) -m benchmarks.incremental --out docs/benchmark/incremental
+
+# Leaf training on Ray: leaves per minute in process (1 and 2 threads) and on 1 and 2 Ray actors, and Ray's
+# overhead per leaf (docs/benchmark/ray.md, committed). Run it alone.
+bench-ray: setup
+	$(PY) -m benchmarks.ray_leaves --out docs/benchmark/ray
 
 # The GPU checks (docs/scale-out.md#the-gpu-check): one line per check, within 8 minutes; without CUDA the CPU
 # variants run and the GPU-only check is skipped. GPU_CHECK_FLAGS: e.g. --require-gpu, --only faiss,vllm.
