@@ -2,13 +2,17 @@
 
     harp-dagster run --pool PATH --eval PATH --base-model PATH_OR_NAME --budget N --home DIR --out DIR
                      [--seed S] [--methods harp_c,harp_e,tsds,random] [--pool-columns prompt=instruction,...]
-                     [--eval-columns prompt=question,...] [--lora recipe.json]
+                     [--eval-columns prompt=question,...] [--lora recipe.json] [--storage sqlite|postgres]
 
 It validates the inputs first (every bad row named with file, line and reason, before any model loads), then
 materialises the graph through Dagster exactly as `make demo` does (`run_harp`) on the instance in `--home`
 (created with the project's instance config when new, so `dagster dev` can open it later), and writes, per
 method, `OUT/<method>.parquet` and `OUT/<method>.jsonl` with the original columns of the selected examples in
 selection order, plus `OUT/manifest.json`. A second call with nothing changed trains nothing.
+
+A new home stores its runs in SQLite files inside it (nothing to set up); `--storage postgres` creates it with
+`dagster_home/dagster.postgres.yaml` instead, which reads the server from `DAGSTER_PG_URL` (docs/storage.md).
+An existing home keeps the storage its dagster.yaml names.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +29,12 @@ from typing import Any
 
 EXPORT_METHODS = ("harp_c", "harp_e", "tsds", "random")
 PROJECT_INSTANCE_CONFIG = Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml"
+# The instance config a new home gets per `--storage`; SQLite needs no server, so it stays the default.
+INSTANCE_CONFIGS = {"sqlite": PROJECT_INSTANCE_CONFIG,
+                    "postgres": PROJECT_INSTANCE_CONFIG.with_name("dagster.postgres.yaml")}
+PG_URL_ENV = "DAGSTER_PG_URL"
+# The driver is named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, and dagster-postgres ships psycopg2.
+PG_URL_EXAMPLE = "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DATABASE"
 
 
 class UsageError(Exception):
@@ -66,15 +75,79 @@ def _recipe(path: str | None) -> dict[str, Any]:
     return recipe
 
 
-def prepare_home(home: Path) -> None:
-    """An instance folder: created with the project's instance config when new, refused when not writable."""
-    from harp.io import check_writable
+def instance_storage(config: Path) -> str:
+    """The storage an instance config names (`sqlite`, `postgres`, ...): `storage:`'s one key, else the module
+    of a per-part `run_storage:`, else Dagster's default, SQLite."""
+    import yaml
 
+    data = yaml.safe_load(config.read_text()) or {}
+    storage = data.get("storage")
+    if isinstance(storage, dict) and storage:
+        return str(next(iter(storage)))
+    module = str((data.get("run_storage") or {}).get("module", ""))
+    return next((kind for kind in ("postgres", "mysql") if kind in module), "sqlite")
+
+
+def redact_url(url: str) -> str:
+    """A database URL safe to print: a password, in the user part or as a `password=` parameter, is `***`."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is not None:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        parts = parts._replace(query=urlencode([(k, "***" if k == "password" else v) for k, v in query], safe="/*"))
+    return urlunsplit(parts)
+
+
+def check_postgres(url: str | None) -> None:
+    """Fail before any model loads when the Postgres instance cannot be reached the way Dagster will reach it
+    (through SQLAlchemy): an unset `DAGSTER_PG_URL`, a driver that is not installed or a refused connection
+    would otherwise surface as Dagster's retry loop ending in a bare "too many retries"."""
+    if not url:
+        raise UsageError(f"this instance stores its runs in PostgreSQL: set {PG_URL_ENV} to the server's URL, "
+                         f"e.g. {PG_URL_EXAMPLE} (docs/storage.md)")
+    import sqlalchemy as sa
+
+    shown = f"{PG_URL_ENV}={redact_url(url)}"
+    try:
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 10}, poolclass=sa.pool.NullPool)
+    except ModuleNotFoundError as exc:  # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3
+        raise UsageError(f"{shown}: SQLAlchemy {sa.__version__} needs the {exc.name!r} driver for this URL, which "
+                         f"is not installed; name the installed one: {PG_URL_EXAMPLE}") from None
+    except sa.exc.ArgumentError as exc:
+        raise UsageError(f"{shown}: not a database URL ({exc}); expected e.g. {PG_URL_EXAMPLE}") from None
+    try:
+        engine.connect().close()
+    except sa.exc.DBAPIError as exc:
+        reason = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+        raise UsageError(f"{shown}: cannot connect to PostgreSQL ({reason})") from None
+    finally:
+        engine.dispose()
+
+
+def prepare_home(home: Path, storage: str | None = None) -> str:
+    """An instance folder: created with the instance config for `storage` (SQLite when not given) when new,
+    refused when not writable or when it already holds another storage (its runs are there; switching would
+    hide them). Returns the storage the home uses; a Postgres one is checked to be reachable."""
+    from harp.io import check_writable, write_text
+
+    if storage is not None and storage not in INSTANCE_CONFIGS:
+        raise UsageError(f"--storage: expected one of {sorted(INSTANCE_CONFIGS)}, got {storage!r}")
     home.mkdir(parents=True, exist_ok=True)
     check_writable(home)
     config = home / "dagster.yaml"
     if not config.exists():
-        shutil.copyfile(PROJECT_INSTANCE_CONFIG, config)
+        write_text(config, INSTANCE_CONFIGS[storage or "sqlite"].read_text())
+    used = instance_storage(config)
+    if storage is not None and used != storage:
+        raise UsageError(f"--home {home} already holds a {used} instance ({config}); --storage {storage} needs a "
+                         "new --home, or change that file's `storage` yourself")
+    if used == "postgres" and PG_URL_ENV in config.read_text():
+        check_postgres(os.environ.get(PG_URL_ENV))
+    return used
 
 
 def export_selections(lineage: Any, pool: Any, out: Path, methods: list[str], info: dict[str, Any]) -> dict:
@@ -120,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     pool_columns = _mapping(args.pool_columns, "--pool-columns")
     eval_columns = _mapping(args.eval_columns, "--eval-columns")
     recipe = _recipe(args.lora)
-    prepare_home(home)
+    storage = prepare_home(home, args.storage)
     os.environ["DAGSTER_HOME"] = str(home)
 
     from harp.contracts import DataContractError
@@ -138,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--base-model {base_model}: no such folder (a hub name needs its owner, like org/name, "
                          "and must be in the local Hugging Face cache)")
     print(f"harp-dagster: pool {len(pool)} examples from {args.pool}, eval {len(eval_set)} questions in "
-          f"{eval_set['domain'].n_unique()} domain(s); budget {args.budget}; instance {home}", flush=True)
+          f"{eval_set['domain'].n_unique()} domain(s); budget {args.budget}; instance {home} ({storage})",
+          flush=True)
 
     import dagster as dg
 
@@ -187,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         "pool_columns": pool_columns,
         "eval_columns": eval_columns,
         "home": str(home),
+        "storage": storage,
         "leaves_trained_this_call": trained,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -214,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval-columns", help="OURS=THEIRS pairs, e.g. prompt=question")
     r.add_argument("--lora", help="a JSON file of LoRA fields over the default recipe")
     r.add_argument("--cpu-threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    r.add_argument("--storage", choices=sorted(INSTANCE_CONFIGS),
+                   help=f"where a new --home stores runs and event logs: sqlite (default: files in the home, "
+                   f"nothing to set up) or postgres (the server in ${PG_URL_ENV}); an existing home keeps its own")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
