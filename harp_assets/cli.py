@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
     from harp_resources import (
         DeviceResource,
         FinetunerResource,
+        LeafExecutionResource,
         LineageResource,
         PoolSourceResource,
         SettingsResource,
@@ -238,6 +239,10 @@ def run(args: argparse.Namespace) -> int:
         "finetuner": configured(FinetunerResource, base_model=str(Path(base_model).expanduser())
                                 if Path(base_model).expanduser().is_dir() else base_model, device=device, **recipe),
     }
+    if args.leaf_backend:
+        resources["leaf_execution"] = configured(
+            LeafExecutionResource, backend=args.leaf_backend, ray_address=args.ray_address or "",
+            actors=args.ray_actors)
     defs = dg.Definitions(assets=definitions.defs.assets, asset_checks=definitions.defs.asset_checks,
                           jobs=definitions.defs.jobs, resources=resources)
     t0 = time.perf_counter()
@@ -289,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval-columns", help="OURS=THEIRS pairs, e.g. prompt=question")
     r.add_argument("--lora", help="a JSON file of LoRA fields over the default recipe")
     r.add_argument("--cpu-threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    r.add_argument("--leaf-backend", choices=("local", "ray"),
+                   help="where leaves train (default: $HARP_LEAF_BACKEND, else local; docs/scale-out.md)")
+    r.add_argument("--ray-address", help='with ray: "" starts a local cluster, "auto" or "ray://HEAD:10001" joins one')
+    r.add_argument("--ray-actors", type=int, default=0, help="with ray: actors (0: one per GPU, else per CPU slot)")
     r.add_argument("--storage", choices=sorted(INSTANCE_CONFIGS),
                    help=f"where a new --home stores runs and event logs: sqlite (default: files in the home, "
                    f"nothing to set up) or postgres (the server in ${PG_URL_ENV}); an existing home keeps its own")

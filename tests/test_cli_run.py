@@ -63,8 +63,14 @@ def test_own_data_in_finetuning_ready_selections_out(own_files):
                                                                                    suffix="_orig")
         assert joined.height == len(want)
         assert (joined["prompt"] == joined["prompt_orig"]).all() and (joined["topic"] == joined["topic_orig"]).all()
-    # a second call with nothing changed trains nothing and exports the same selections
-    again = _cli(*args)
+        # loadable by `datasets` in one line, the selected rows in selection order
+        import datasets
+
+        loaded = datasets.load_dataset("parquet", data_files=str(f["out"] / info["parquet"]), split="train")
+        assert loaded["example_id"] == want
+    # a second call with nothing changed trains nothing and exports the same selections; where leaves would
+    # train (here Ray) is not part of what a measurement is, so it changes nothing either
+    again = _cli(*args, "--leaf-backend", "ray", "--ray-actors", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads((f["out"] / "manifest.json").read_text())
     assert second["leaves_trained_this_call"] == 0
