@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,9 +310,48 @@ def _check_mapping(columns: Mapping[str, str] | None, allowed: Sequence[str]) ->
     return mapping
 
 
+Renderer = Callable[[Sequence[dict[str, str]]], tuple[str, str]]
+CHAT_RENDERED = ("prompt", "response")  # what a chat row's `messages` are rendered into
+
+
+def _is_chat(path: Path) -> bool:
+    """A file of chat rows: a `messages` column and neither `prompt` nor `response`."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PARQUET_SUFFIXES:
+            names = set(pl.read_parquet_schema(path))
+        elif suffix in ARROW_SUFFIXES:
+            names = set(_read_one(path).columns)
+        else:
+            with path.open("r", encoding="utf-8") as fh:
+                first = next((line for line in fh if line.strip()), "{}")
+            obj = json.loads(first)
+            names = set(obj) if isinstance(obj, dict) else set()
+    except (OSError, ValueError, UnicodeDecodeError, pl.exceptions.PolarsError):
+        return False  # the regular checks name what is wrong with the file
+    return "messages" in names and not names & set(CHAT_RENDERED)
+
+
+def _render_chat(df: pl.DataFrame, file: Path, render: Renderer) -> pl.DataFrame:
+    """`prompt` and `response` from each row's `messages`; every bad row is named before any is rendered."""
+    from harp.chat import messages_problem
+
+    where = _Where({})
+    rows = df["messages"].to_list()
+    problems = [f"{where(str(file), i)}: {why}" for i, m in enumerate(rows) if (why := messages_problem(m))]
+    if problems:
+        raise DataContractError(file, f"{len(problems)} bad chat row(s): {_listing(problems)}")
+    try:
+        rendered = [render(m) for m in rows]
+    except ValueError as exc:
+        raise DataContractError(file, f"chat rows cannot be rendered: {exc}") from exc
+    return df.with_columns(pl.Series("prompt", [p for p, _ in rendered], dtype=pl.String),
+                           pl.Series("response", [r for _, r in rendered], dtype=pl.String))
+
+
 def _read_all(
     path: str | os.PathLike[str], required: Sequence[str], string_cols: Sequence[str],
-    columns: Mapping[str, str] | None = None,
+    columns: Mapping[str, str] | None = None, render: Renderer | None = None,
 ) -> tuple[pl.DataFrame, Path]:
     """Read every file, rename mapped columns (ours -> the file's), check the columns, tag rows with their
     file and row, and concatenate."""
@@ -321,9 +360,12 @@ def _read_all(
     theirs = {ours: mapping.get(ours, ours) for ours in string_cols}
     frames = []
     for f in data_files(root):
+        chat = render is not None and _is_chat(f)
         if f.suffix.lower() in JSONL_SUFFIXES:
-            _check_jsonl_records(f, [theirs[c] for c in string_cols])
+            _check_jsonl_records(f, [theirs[c] for c in string_cols if not (chat and c in CHAT_RENDERED)])
         df = _read_one(f)
+        if chat:
+            df = _render_chat(df, f, render)  # type: ignore[arg-type]
         if mapping:
             clash = [ours for ours, col in mapping.items() if ours in df.columns and col in df.columns and ours != col]
             if clash:
@@ -395,14 +437,18 @@ def _check_ids(df: pl.DataFrame, root: Path, where: _Where) -> None:
 
 
 # ---- pool ------------------------------------------------------------------------------------------------
-def load_pool(path: str | os.PathLike[str], *, columns: Mapping[str, str] | None = None) -> pl.DataFrame:
+def load_pool(
+    path: str | os.PathLike[str], *, columns: Mapping[str, str] | None = None, render: Renderer | None = None
+) -> pl.DataFrame:
     """Load the candidate pool: unique `example_id`, non-blank `prompt` and `response`; extra columns kept.
 
     Integer ids are accepted and cast to strings. Rows keep file order (files in sorted name order).
     `columns` maps our column names to the file's (`{"prompt": "instruction", "response": "output"}`); messages
-    name the file's own columns where a JSON line is at fault, ours after renaming.
+    name the file's own columns where a JSON line is at fault, ours after renaming. With `render` (a
+    `harp.chat.ChatTemplate`), a file of chat rows (`messages`, no prompt/response) gets its prompt and
+    response rendered from them, and keeps `messages`.
     """
-    df, root = _read_all(path, POOL_COLUMNS, POOL_COLUMNS, columns)
+    df, root = _read_all(path, POOL_COLUMNS, POOL_COLUMNS, columns, render)
     where = _Where({})
     _check_ids(df, root, where)
     for col in ("prompt", "response"):

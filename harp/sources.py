@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 from pydantic import BaseModel, Field
 
-from harp.contracts import DataContractError, data_files, load_eval_set, load_pool
+from harp.contracts import DataContractError, Renderer, data_files, load_eval_set, load_pool
 
 
 def pool_version(pool: pl.DataFrame) -> str:
@@ -76,11 +76,15 @@ class PoolSource(BaseModel):
             h.update(f"{f.name}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
-    def load_pool(self) -> pl.DataFrame:
-        """All pool files, validated one by one (errors name the file), with a `source` column."""
+    def load_pool(self, render: Renderer | None = None) -> pl.DataFrame:
+        """All pool files, validated one by one (errors name the file), with a `source` column.
+
+        `render` (a `harp.chat.ChatTemplate` of the base model) turns chat rows into prompt and response.
+        """
         frames = []
         for f in self.files():
-            frames.append(load_pool(f, columns=self.pool_columns).with_columns(pl.lit(f.name).alias("source")))
+            frames.append(load_pool(f, columns=self.pool_columns, render=render).with_columns(
+                pl.lit(f.name).alias("source")))
         pool = pl.concat(frames, how="diagonal_relaxed")
         if pool.height < MIN_POOL:
             raise DataContractError(

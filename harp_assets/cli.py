@@ -201,15 +201,19 @@ def run(args: argparse.Namespace) -> int:
 
     source = PoolSource(pool_path=str(Path(args.pool).resolve()), eval_path=str(Path(args.eval).resolve()),
                         pool_columns=pool_columns, eval_columns=eval_columns)
-    try:  # every bad row is named here, before any model loads
-        pool = source.load_pool()
-        eval_set = source.load_eval_set()
-    except (DataContractError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
     base_model = args.base_model
     if not Path(base_model).expanduser().is_dir() and "/" not in base_model:
         raise UsageError(f"--base-model {base_model}: no such folder (a hub name needs its owner, like org/name, "
                          "and must be in the local Hugging Face cache)")
+    from harp.chat import ChatTemplate
+
+    # Chat rows are rendered with the base model's own template: only its tokenizer loads, and only for them.
+    render = ChatTemplate(str(Path(base_model).expanduser()) if Path(base_model).expanduser().is_dir() else base_model)
+    try:  # every bad row is named here, before any model loads
+        pool = source.load_pool(render)
+        eval_set = source.load_eval_set()
+    except (DataContractError, ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
     print(f"harp-dagster: pool {len(pool)} examples from {args.pool}, eval {len(eval_set)} questions in "
           f"{eval_set['domain'].n_unique()} domain(s); budget {args.budget}; instance {home} ({storage})",
           flush=True)

@@ -10,19 +10,25 @@ import time
 import dagster as dg
 
 from harp import store
+from harp.chat import ChatTemplate
 from harp.sources import pool_version
 from harp.versions import eval_set_hash
 from harp_assets.groups import PREPARE
-from harp_resources import LineageResource, PoolSourceResource
+from harp_resources import FinetunerResource, LineageResource, PoolSourceResource
 
 
 @dg.asset(group_name=PREPARE, kinds={"polars", "parquet"})
 def pool_examples(
-    context: dg.AssetExecutionContext, pool_source: PoolSourceResource, lineage: LineageResource
+    context: dg.AssetExecutionContext, pool_source: PoolSourceResource, lineage: LineageResource,
+    finetuner: FinetunerResource,
 ) -> dg.MaterializeResult:
-    """The candidate training pool (example_id, prompt, response, source file), validated and versioned."""
+    """The candidate training pool (example_id, prompt, response, source file), validated and versioned.
+
+    Chat rows (`messages`) are rendered with the base model's own chat template (`harp.chat`).
+    """
     t0 = time.perf_counter()
-    pool = pool_source.load_pool().select("example_id", "prompt", "response", "source")
+    render = ChatTemplate(finetuner.base_model, trust_remote_code=finetuner.trust_remote_code)
+    pool = pool_source.load_pool(render).select("example_id", "prompt", "response", "source")
     version = pool_version(pool)
     files = [f.name for f in pool_source.files()]
     store.write_pool(lineage, pool, version, files)

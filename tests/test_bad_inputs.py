@@ -153,7 +153,7 @@ def test_bad_embeddings_never_enter_the_cache(tmp_path: Path, monkeypatch) -> No
     from harp import store
     from harp_assets.embeddings import example_embeddings
     from harp_assets.sources import pool_examples
-    from harp_resources import LineageResource, PoolSourceResource
+    from harp_resources import FinetunerResource, LineageResource, PoolSourceResource
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     pool = tmp_path / "pool.jsonl"
@@ -161,7 +161,9 @@ def test_bad_embeddings_never_enter_the_cache(tmp_path: Path, monkeypatch) -> No
     pool.write_text(_lines(_row(example_id="b", prompt="BAD text"), *others))
     lineage = LineageResource(root=str(tmp_path / "harp"))
     resources = {"pool_source": PoolSourceResource(pool_path=str(pool), eval_path=str(pool)),
-                 "lineage": lineage, "embedder": dg.ResourceDefinition.hardcoded_resource(_FlakyEmbedder())}
+                 "lineage": lineage, "embedder": dg.ResourceDefinition.hardcoded_resource(_FlakyEmbedder()),
+                 # no chat rows: the base model's tokenizer is never loaded
+                 "finetuner": FinetunerResource(base_model=str(tmp_path / "no-model"))}
     result = dg.materialize([pool_examples, example_embeddings], resources=resources, raise_on_error=False)
     assert not result.success
     failure = [e for e in result.all_events if e.is_step_failure][0]
