@@ -591,25 +591,40 @@ class LineageStore(BaseModel):
             }[TABLE_KINDS[name]]
             raise LineageError(f"{verb} does not apply to table {name!r}, which is {how}")
 
+    def _version_names(self, name: str) -> tuple[Path, dict[str, list[str]]]:
+        """The table's folder and the file name of every stored version of every key, oldest first.
+
+        Names stay plain strings: a partitioned table holds one file per leaf (thousands on a large pool) and
+        every write lists it, so a Path per file made each write cost O(files) in slow object creation.
+        """
+        folder = self.table_dir(name)
+        out: dict[str, list[str]] = {}
+        try:
+            listing = os.listdir(folder)
+        except FileNotFoundError:
+            return folder, out
+        for file_name in listing:
+            key = _parse_file_name(file_name)
+            if key is not None:
+                out.setdefault(key, []).append(file_name)
+        for names in out.values():
+            names.sort()
+        return folder, dict(sorted(out.items()))
+
     def _versions(self, name: str) -> dict[str, list[Path]]:
         """Every stored version of every key of a table, oldest first."""
-        folder = self.table_dir(name)
-        out: dict[str, list[Path]] = {}
-        try:
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            return out
-        for entry in entries:
-            key = _parse_file_name(entry.name)
-            if key is not None:
-                out.setdefault(key, []).append(Path(entry.path))
-        for paths in out.values():
-            paths.sort(key=lambda p: p.name)
-        return dict(sorted(out.items()))
+        folder, names = self._version_names(name)
+        return {key: [folder / n for n in versions] for key, versions in names.items()}
 
     def files(self, name: str) -> dict[str, Path]:
         """The current file of each key of a table (whole tables have one key: the table's name)."""
-        return {key: paths[-1] for key, paths in self._versions(name).items()}
+        folder, names = self._version_names(name)
+        return {key: folder / versions[-1] for key, versions in names.items()}
+
+    def _current_file(self, name: str, key: str) -> Path | None:
+        folder, names = self._version_names(name)
+        versions = names.get(key)
+        return folder / versions[-1] if versions else None
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -653,7 +668,7 @@ class LineageStore(BaseModel):
         check_key(key)
         out = validate(name, df)
         self._check_key_column(name, key, out)
-        if not exist_ok and key in self._versions(name):
+        if not exist_ok and key in self._version_names(name)[1]:
             raise LineageError(
                 f"table {name!r} already holds run {key!r}; history is kept, pick a new key "
                 "or pass exist_ok=True to rewrite it"
@@ -664,7 +679,8 @@ class LineageStore(BaseModel):
         """Remove every version of one partition or run; returns whether any existed."""
         self._check_kind(name, "delete_partition", ("partition", "history"))
         check_key(key)
-        paths = self._versions(name).get(key, [])
+        folder, names = self._version_names(name)
+        paths = [folder / n for n in names.get(key, [])]
         for path in reversed(paths):  # newest first, so an older version never becomes current
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -674,9 +690,11 @@ class LineageStore(BaseModel):
 
     def _prune(self, name: str) -> None:
         now = time.time()
-        for paths in self._versions(name).values():
-            if len(paths) < 2:
+        folder, names = self._version_names(name)
+        for versions in names.values():
+            if len(versions) < 2:
                 continue
+            paths = [folder / n for n in versions]
             try:
                 newest_age = now - paths[-1].stat().st_mtime
             except FileNotFoundError:
@@ -707,7 +725,7 @@ class LineageStore(BaseModel):
             try:
                 return self._read_file(name, path)
             except FileNotFoundError:  # superseded and pruned, or deleted, since the listing
-                path = self.files(name).get(key)
+                path = self._current_file(name, key)
         raise LineageError(f"table {name!r}, key {key!r}: file kept vanishing while being read")
 
     def read_table(self, name: str) -> pl.DataFrame:
@@ -720,7 +738,23 @@ class LineageStore(BaseModel):
         """One partition or run as a typed frame, or None when it does not exist."""
         self._check_kind(name, "read_partition", ("partition", "history"))
         check_key(key)
-        return self._read_key(name, key, self.files(name).get(key))
+        return self._read_key(name, key, self._current_file(name, key))
+
+    def read_partitions(self, name: str, keys: Sequence[str] | None = None) -> dict[str, pl.DataFrame]:
+        """Many partitions or runs (all, or those of `keys` that exist) as typed frames, by key.
+
+        One folder listing for them all: `read_partition` lists the folder on every call, so reading each of
+        a table's k partitions that way costs k listings of k files.
+        """
+        self._check_kind(name, "read_partitions", ("partition", "history"))
+        files = self.files(name)
+        wanted = list(files) if keys is None else [check_key(k) for k in keys]
+        out = {}
+        for key in wanted:
+            df = self._read_key(name, key, files.get(key))
+            if df is not None:
+                out[key] = df
+        return out
 
     def partition_keys(self, name: str) -> list[str]:
         """Keys of a partitioned or history table, sorted."""

@@ -193,11 +193,21 @@ def leaf_versions(lineage: LineageStore, finetuner: Any, evaluator: Any, seed: i
 
 def stored_version(lineage: LineageStore, leaf_id: str) -> str | None:
     """The data version of the stored partition, or None when absent or its correctness file is missing."""
-    rows = lineage.read_partition("leaf_utilities", leaf_id)
+    return _version_of(lineage.read_partition("leaf_utilities", leaf_id), lineage, leaf_id)
+
+
+def _version_of(rows: pl.DataFrame | None, lineage: LineageStore, leaf_id: str) -> str | None:
     if rows is None or rows.height == 0 or not correctness_path(lineage, leaf_id).is_file():
         return None
     versions = rows["data_version"].unique().to_list()
     return versions[0] if len(versions) == 1 else None
+
+
+def stored_versions(lineage: LineageStore, leaf_ids: list[str]) -> dict[str, str | None]:
+    """`stored_version` of many leaves after one listing of the partition folder, not one per leaf (which,
+    over every leaf of a large pool, costs leaves x stored partitions)."""
+    rows = lineage.read_partitions("leaf_utilities", leaf_ids)
+    return {leaf: _version_of(rows.get(leaf), lineage, leaf) for leaf in leaf_ids}
 
 
 def read_measurements(
@@ -209,8 +219,9 @@ def read_measurements(
     """
     fresh: dict[str, pl.DataFrame] = {}
     stale: list[str] = []
+    stored = stored_versions(lineage, list(versions))
     for leaf, dv in versions.items():
-        sv = stored_version(lineage, leaf)
+        sv = stored[leaf]
         if sv is None:
             continue
         if sv != dv:
