@@ -819,15 +819,17 @@ def grow_leaf_table(
     new_table.check()
     old_ids = table.leaf_ids
     survivors = ~to_split[:G] & ~empty[:G]
+    # Built once: a set per split or delta leaf would cost (splits + delta leaves) x leaves on a large pool.
+    old_set, new_set = set(old_ids.tolist()), set(leaf_ids_new.tolist())
     return GrowthResult(
         table=new_table,
         unchanged=old_ids[survivors & ~changed[:G]].tolist(),
         grown=old_ids[survivors & gained[:G]].tolist(),
         shrunk=old_ids[survivors & (lost > 0)].tolist(),
-        split={k: v for k, v in split_map.items() if k in set(old_ids.tolist())},
+        split={k: v for k, v in split_map.items() if k in old_set},
         retired=old_ids[empty[:G]].tolist(),
         new=[name for name in leaf_ids_new.tolist() if name not in table._index_by_id],
-        delta=[d for d in delta_ids if d in set(leaf_ids_new.tolist()) or d in split_map],
+        delta=[d for d in delta_ids if d in new_set or d in split_map],
         n_added=int(arrivals.size - n_edited),
         n_removed=n_removed,
         n_edited=n_edited,
