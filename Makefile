@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental bench-ray demo validate ui demo-data gpu-check
+.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental bench-ray bench-scale demo validate ui demo-data gpu-check
 
 setup: $(VENV)/.installed
 
@@ -71,6 +71,15 @@ bench: setup
 # (committed, quoted by the README) is docs/benchmark/incremental.md; working files go to reports/incremental/.
 bench-incremental: setup
 	$(PY) -m benchmarks.incremental --out docs/benchmark/incremental
+
+# A pool of 100,000, 300,000 and 1,000,000 examples through every stage that does not train (embeddings from a
+# file, hierarchy and stable leaf ids, a 1% growth, posteriors, both envelopes, TSDS exact and IVF, the lineage
+# tables and catalog views): seconds and peak memory per stage, and growth exponents that flag anything
+# superlinear. The report (committed) is docs/benchmark/scale.md and .json. Run it alone: about 10 GiB of RAM
+# and 4 GB of disk under reports/scale/ (removed after). SCALE_FLAGS: e.g. --sizes 100000,300000 --tsds exact.
+SCALE_FLAGS ?=
+bench-scale: setup
+	$(PY) -m benchmarks.scale_pool --out docs/benchmark/scale $(SCALE_FLAGS)
 
 # Leaf training on Ray: leaves per minute in process (1 and 2 threads) and on 1 and 2 Ray actors, and Ray's
 # overhead per leaf (docs/benchmark/ray.md, committed). Run it alone.
