@@ -208,8 +208,9 @@ def measure_leaf_partitions(
                 "materialise only current leaf ids"
             ) from None
     jobs = []
+    stored = store.stored_versions(lineage, list(index))
     for key, g in index.items():
-        if store.stored_version(lineage, key) == versions[key]:
+        if stored[key] == versions[key]:
             yield LeafOutcome(leaf_id=key, trained=False, data_version=versions[key],
                               examples=int(table.leaf_sizes[g]), seconds=0.0, member_hash=table.member_hash(g))
         else:
@@ -249,13 +250,17 @@ def measure_leaf_partitions(
 def stale_harp_leaves(lineage: LineageStore, finetuner: Any, evaluator: Any, settings: HarpSettings) -> list[str]:
     """HARP's leaves (representatives and active-round picks) never measured or with a stale data version."""
     versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
-    return [leaf for leaf in sorted(store.harp_leaves(lineage)) if store.stored_version(lineage, leaf) != versions[leaf]]
+    leaves = sorted(store.harp_leaves(lineage))
+    stored = store.stored_versions(lineage, leaves)
+    return [leaf for leaf in leaves if stored[leaf] != versions[leaf]]
 
 
 def pending_active_leaves(lineage: LineageStore, finetuner: Any, evaluator: Any, settings: HarpSettings) -> list[str]:
     """Leaves an active round planned that have no up-to-date measurement yet."""
     versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
-    return [leaf for leaf in store.planned_leaves(lineage) if store.stored_version(lineage, leaf) != versions[leaf]]
+    planned = store.planned_leaves(lineage)
+    stored = store.stored_versions(lineage, list(planned))
+    return [leaf for leaf in planned if stored[leaf] != versions[leaf]]
 
 
 def posteriors_current(lineage: LineageStore, finetuner: Any, evaluator: Any, settings: HarpSettings) -> bool:
@@ -265,8 +270,9 @@ def posteriors_current(lineage: LineageStore, finetuner: Any, evaluator: Any, se
         return False
     versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
     wanted = store.harp_leaves(lineage)
-    fresh = sorted(leaf for leaf, dv in versions.items()
-                   if leaf in wanted and store.stored_version(lineage, leaf) == dv)
+    candidates = [leaf for leaf in versions if leaf in wanted]
+    stored = store.stored_versions(lineage, candidates)
+    fresh = sorted(leaf for leaf in candidates if stored[leaf] == versions[leaf])
     return meta.get("pool_version") == store.stored_pool_version(lineage) and sorted(
         meta.get("measured_leaves", [])) == fresh
 

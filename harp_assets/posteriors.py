@@ -121,7 +121,7 @@ def representatives_measured_and_current(
     table = store.load_leaf_table(lineage)
     versions = store.leaf_versions(lineage, finetuner, evaluator, settings.seed)
     reps = sorted(table.leaf_ids[table.representative].tolist())
-    stored = {leaf: store.stored_version(lineage, leaf) for leaf in reps}
+    stored = store.stored_versions(lineage, list(reps))
     _, meta = store.load_posteriors(lineage)
     used = set(meta.get("measured_leaves", []))
     return check_result(
