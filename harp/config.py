@@ -48,6 +48,13 @@ class HarpSettings(BaseModel):
     tsds_sigma: float = 0.75
     tsds_K: int = 100
     tsds_K_kde: int = 100
+    exclude_contaminated: bool = Field(
+        default=True, description="keep pool examples that nearly duplicate an eval or test item out of every selection")
+    contamination_ngram: int = Field(default=13, ge=1, description="words per n-gram of the overlap test")
+    contamination_coverage: float = Field(
+        default=0.8, gt=0, le=1, description="share of an eval item's n-grams an example must contain to be flagged")
+    contamination_cosine: float = Field(
+        default=0.98, gt=0, le=1, description="embedding cosine at or above which an example is flagged")
 
     def hierarchy_config(self) -> dict:
         return {

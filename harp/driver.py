@@ -92,11 +92,13 @@ def select_envelopes(
     top_k_points: int | None,
     z_active: float,
     methods: Sequence[str] = tuple(ENVELOPES),
+    exclude_rows: Any = None,
 ) -> dict[str, HarpSelection]:
-    """The HARP selections (`harp_c`, `harp_e`) from one set of posteriors, under one point budget."""
+    """The HARP selections (`harp_c`, `harp_e`) from one set of posteriors, under one point budget;
+    `exclude_rows` (pool rows the contamination guard flagged) are never selected."""
     return {
         m: stages.select_harp(post, base_scores, hierarchy, envelope=ENVELOPES[m], top_k_points=top_k_points,
-                              z_active=z_active)
+                              z_active=z_active, exclude_rows=exclude_rows)
         for m in methods
     }
 

@@ -66,6 +66,17 @@ SCHEMAS: dict[str, pl.Schema] = {
             "content_hash": pl.String,
         }
     ),
+    # Pool examples that nearly duplicate a proxy-eval or test item (harp/method/contamination.py).
+    "contamination": pl.Schema(
+        {
+            "example_id": pl.String,
+            "eval_set": pl.String,
+            "eval_example_id": pl.String,
+            "kind": pl.String,
+            "score": pl.Float64,
+            "pool_version": pl.String,
+        }
+    ),
     "leaves": pl.Schema(
         {
             "leaf_id": pl.String,
@@ -188,6 +199,7 @@ SCHEMAS: dict[str, pl.Schema] = {
 # when the partition is rematerialised), "history" = one file per run, earlier runs kept.
 TABLE_KINDS: dict[str, str] = {
     "examples": "table",
+    "contamination": "table",
     "leaves": "table",
     "phi_posteriors": "table",
     "leaf_utilities": "partition",
@@ -215,6 +227,7 @@ NULLABLE: dict[str, frozenset[str]] = {
     # Tables written before content hashing have no content hash.
     "examples": frozenset({"content_hash"}),
     "leaves": frozenset(),
+    "contamination": frozenset(),
     # Timings and the Dagster run id are unknown when a measurement is imported or run outside Dagster;
     # measurements stored before member sets were recorded have no member hash.
     "leaf_utilities": frozenset({"bootstrap_sd", "train_seconds", "eval_seconds", "run_id", "member_hash"}),
@@ -233,6 +246,7 @@ NULLABLE: dict[str, frozenset[str]] = {
 # Rows that must be unique within one write (a file), so joins in the catalog do not fan out.
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "examples": ("example_id",),
+    "contamination": ("example_id", "eval_set", "eval_example_id", "kind"),
     "leaves": ("leaf_id",),
     "leaf_utilities": ("leaf_id", "domain"),
     "measured_members": ("leaf_id", "example_id"),

@@ -15,6 +15,7 @@ in the initialisation (common random numbers).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from harp.backends import LeafExecution, LeafJob, LeafMeasurement, measure_leaf, run_leaves
 from harp.method import (
@@ -35,13 +37,16 @@ from harp.method import (
     TsdsSelection,
     bootstrap_main_effects,
     build_parent_leaf_hierarchy,
+    embedding_matches,
     fit_posteriors,
     grow_leaf_table,
     harp_select,
     leaf_table_from_hierarchy,
+    ngram_matches,
     random_selection,
     tree_generation,
     tsds_select,
+    without_rows,
 )
 from harp.models.evaluator import EvalResult, Evaluator, parse_eval_set
 from harp.models.finetuner import LoraFinetuner
@@ -472,8 +477,14 @@ def select_harp(
     envelope: str,
     top_k_points: int | None,
     z_active: float = 1.0,
+    exclude_rows: Any = None,
 ) -> HarpSelection:
-    """One envelope's ranking, best-prefix cut and point cap over the hierarchy's leaves."""
+    """One envelope's ranking, best-prefix cut and point cap over the hierarchy's leaves.
+
+    `exclude_rows` (pool rows, e.g. the contamination guard's) are never selected: the ranking and the cap run
+    over the remaining rows, and a leaf left with none counts as having no effect (phi = 0), so the greedy
+    never spends a step on it. `example_rows` are pool rows either way.
+    """
     b = np.asarray(base_scores, dtype=np.float64)
     if post.mean.shape[0] != hierarchy.n_leaves:
         raise ValueError(
@@ -481,16 +492,18 @@ def select_harp(
         )
     if b.shape != (post.mean.shape[1],):
         raise ValueError(f"base_scores has shape {b.shape}; the posteriors have {post.mean.shape[1]} domains")
-    return harp_select(
-        post.mean,
-        post.sd,
-        b,
-        hierarchy.member_order,
-        hierarchy.leaf_offsets,
-        envelope=envelope,
-        top_k_points=top_k_points,
-        z_active=z_active,
-    )
+    order, offsets, back = hierarchy.member_order, hierarchy.leaf_offsets, None
+    mean = post.mean
+    if exclude_rows is not None and np.asarray(exclude_rows).size:
+        order, offsets, back = without_rows(order, offsets, exclude_rows)
+        empty = np.diff(offsets) == 0
+        if empty.any():
+            mean = np.where(empty[:, None], 0.0, post.mean)
+    sel = harp_select(mean, post.sd, b, order, offsets, envelope=envelope, top_k_points=top_k_points,
+                      z_active=z_active)
+    if back is None:
+        return sel
+    return dataclasses.replace(sel, example_rows=back[sel.example_rows])
 
 
 def select_tsds(
@@ -518,3 +531,38 @@ def select_random(n: int, budget: int, *, seed: int) -> RandomSelection:
     """`min(budget, n)` distinct rows drawn uniformly for `seed`."""
     rows = random_selection(n, budget, seed=seed)
     return RandomSelection(example_rows=rows, n_pool=int(n), budget=int(budget), seed=int(seed))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The contamination guard
+# --------------------------------------------------------------------------------------------------------
+
+
+def find_contamination(
+    pool_ids: Sequence[str],
+    pool_texts: Sequence[str],
+    X_pool: Any,
+    eval_sets: Mapping[str, tuple[Sequence[str], Sequence[str], Any]],
+    *,
+    ngram: int = 13,
+    min_coverage: float = 0.8,
+    cosine: float = 0.98,
+) -> pl.DataFrame:
+    """Every (pool example, eval item, signal) where the example nearly duplicates the item.
+
+    `eval_sets` maps a name ("proxy", "test") to (item ids, item texts, item embeddings); texts and
+    embeddings are made as the pool's are (`embed_text(prompt, answer)`). Columns: example_id, eval_set,
+    eval_example_id, kind ("ngram" or "embedding"), score (coverage or cosine).
+    """
+    rows: dict[str, list] = {"example_id": [], "eval_set": [], "eval_example_id": [], "kind": [], "score": []}
+    for name, (ids, texts, X_eval) in eval_sets.items():
+        found = ngram_matches(pool_texts, texts, n=ngram, min_coverage=min_coverage)
+        found += embedding_matches(X_pool, X_eval, cosine=cosine)
+        for m in found:
+            rows["example_id"].append(pool_ids[m.row])
+            rows["eval_set"].append(name)
+            rows["eval_example_id"].append(ids[m.item])
+            rows["kind"].append(m.kind)
+            rows["score"].append(m.score)
+    return pl.DataFrame(rows, schema={"example_id": pl.String, "eval_set": pl.String, "eval_example_id": pl.String,
+                                      "kind": pl.String, "score": pl.Float64})

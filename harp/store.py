@@ -305,3 +305,14 @@ def harp_leaves(lineage: LineageStore) -> set[str]:
     """The leaves HARP measures: the representatives and the active rounds' picks."""
     table = load_leaf_table(lineage)
     return set(table.leaf_ids[table.representative].tolist()) | set(planned_leaves(lineage))
+
+
+def write_contamination(lineage: LineageStore, frame: pl.DataFrame) -> None:
+    """Replace the contamination table: every flagged (pool example, eval item, signal) of the current pool."""
+    lineage.write_table("contamination", frame)
+
+
+def contaminated_ids(lineage: LineageStore) -> set[str]:
+    """Pool examples flagged as near copies of an eval or test item (none before the guard has run)."""
+    frame = lineage.read_table("contamination")
+    return set() if frame is None or frame.height == 0 else set(frame["example_id"].to_list())

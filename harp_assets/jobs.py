@@ -10,6 +10,7 @@ import dagster as dg
 from harp_assets.active_round import active_round_plan
 from harp_assets.base_scores import base_model_scores
 from harp_assets.catalog import lineage_catalog
+from harp_assets.contamination import pool_contamination
 from harp_assets.embeddings import example_embeddings
 from harp_assets.hierarchy import leaf_hierarchy
 from harp_assets.leaf_utilities import leaf_utilities
@@ -18,7 +19,8 @@ from harp_assets.selections import SELECTION_ASSETS
 from harp_assets.sources import pool_examples, proxy_eval_set
 from harp_assets.validation import exhaustive_selection, selection_validation
 
-PREPARE_ASSETS = [pool_examples, proxy_eval_set, example_embeddings, leaf_hierarchy, base_model_scores]
+PREPARE_ASSETS = [pool_examples, proxy_eval_set, example_embeddings, pool_contamination, leaf_hierarchy,
+                  base_model_scores]
 SELECT_ASSETS = [phi_posteriors, *SELECTION_ASSETS.values(), active_round_plan, lineage_catalog]
 VALIDATION_ASSETS = [exhaustive_selection, selection_validation]
 ALL_ASSETS = [*PREPARE_ASSETS, leaf_utilities, *SELECT_ASSETS]

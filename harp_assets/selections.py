@@ -18,6 +18,7 @@ from harp.config import HarpSettings
 from harp.lineage import LineageStore, selection_id_for
 from harp_assets.base_scores import base_model_scores
 from harp_assets.checking import check_result
+from harp_assets.contamination import pool_contamination
 from harp_assets.embeddings import example_embeddings
 from harp_assets.groups import SELECT
 from harp_assets.hierarchy import leaf_hierarchy
@@ -41,6 +42,17 @@ def newest_selection(instance: dg.DagsterInstance, lineage: LineageStore, method
     sid = str(mat.metadata["selection_id"].value)
     rows = lineage.query("SELECT example_id FROM selections WHERE selection_id = $sid ORDER BY rank", {"sid": sid})
     return sid, rows["example_id"].to_list()
+
+
+def excluded_ids(settings: HarpSettings, lineage: LineageStore) -> set[str]:
+    """The examples every selection leaves out: the contamination guard's flags, unless it is turned off."""
+    return store.contaminated_ids(lineage) if settings.exclude_contaminated else set()
+
+
+def guard_metadata(lineage: LineageStore, excluded: set[str], example_ids: list[str]) -> dict:
+    flagged = store.contaminated_ids(lineage)
+    return {"contaminated_left_out": len(excluded),
+            "contaminated_selected": sum(e in flagged for e in example_ids)}
 
 
 def record_selection(
@@ -123,8 +135,10 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     base, _ = store.load_base(lineage)
     domains = list(meta["domains"])
     b = stages.base_scores(base, domains)
+    excluded = excluded_ids(settings, lineage)
+    out_rows = np.flatnonzero(np.isin(table.example_ids, list(excluded))) if excluded else None
     sel = driver.select_envelopes(post, b, table, top_k_points=settings.top_k_points, z_active=settings.z_active,
-                                  methods=(key,))[key]
+                                  methods=(key,), exclude_rows=out_rows)[key]
     envelope = driver.ENVELOPES[key]
     rows = sel.example_rows.tolist()
     ids = table.example_ids[rows].tolist()
@@ -134,6 +148,7 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     pred = np.asarray(sel.predicted_rows, dtype=np.float64)
     predicted = float(pred[active].mean()) if active.any() else None
     md = record_selection(context, lineage, key, ids, settings.top_k_points, gains, predicted)
+    md.update(guard_metadata(lineage, excluded, ids))
     g = sel.greedy
     md.update({
         "envelope": envelope,
@@ -150,7 +165,7 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     return dg.MaterializeResult(metadata=md)
 
 
-_SEL_DEPS = [phi_posteriors, leaf_hierarchy, base_model_scores]
+_SEL_DEPS = [phi_posteriors, leaf_hierarchy, base_model_scores, pool_contamination]
 
 
 @dg.asset(group_name=SELECT, kinds={"numpy"}, deps=_SEL_DEPS)
@@ -169,7 +184,8 @@ def harp_e_selection(
     return _harp(context, settings, lineage, "harp_e")
 
 
-@dg.asset(group_name=SELECT, kinds={"faiss"}, deps=[example_embeddings, proxy_eval_set, leaf_hierarchy])
+@dg.asset(group_name=SELECT, kinds={"faiss"},
+          deps=[example_embeddings, proxy_eval_set, leaf_hierarchy, pool_contamination])
 def tsds_selection(
     context: dg.AssetExecutionContext, settings: SettingsResource, embedder: EmbedderResource,
     lineage: LineageResource,
@@ -182,26 +198,34 @@ def tsds_selection(
                          "materialise example_embeddings again")
     eval_set, _ = store.load_eval_artifact(lineage)
     Q = embedder.embed(eval_set["prompt"].to_list())
+    excluded = excluded_ids(settings, lineage)
+    keep = ~np.isin(ids, list(excluded)) if excluded else np.ones(len(ids), dtype=bool)
+    ids, X = ids[keep], X[keep]  # the candidates: the pool without the examples the guard flagged
     budget = min(settings.top_k_points, len(ids))
     sel = stages.select_tsds(X, Q, budget, seed=settings.seed, params=settings.tsds_params())
     counts = np.asarray(sel.counts)
     picked = np.flatnonzero(counts > 0)
     order = picked[np.lexsort((picked, -counts[picked]))]  # most drawn first, ties by pool row
     md = record_selection(context, lineage, "tsds", ids[order].tolist(), settings.top_k_points)
+    md.update(guard_metadata(lineage, excluded, ids[order].tolist()))
     md.update({"draws": int(counts.sum()), "distinct": int(order.size), "queries": int(Q.shape[0]),
                "seconds": round(time.perf_counter() - t0, 3)})
     return dg.MaterializeResult(metadata=md)
 
 
-@dg.asset(group_name=SELECT, kinds={"numpy"}, deps=[pool_examples, leaf_hierarchy])
+@dg.asset(group_name=SELECT, kinds={"numpy"}, deps=[pool_examples, leaf_hierarchy, pool_contamination])
 def random_selection(
     context: dg.AssetExecutionContext, settings: SettingsResource, lineage: LineageResource
 ) -> dg.MaterializeResult:
     """Random baseline: distinct pool examples drawn uniformly for the seed, at the same budget."""
     pool, _ = store.load_pool_artifact(lineage)
+    excluded = excluded_ids(settings, lineage)
+    if excluded:
+        pool = pool.filter(~pl.col("example_id").is_in(list(excluded)))
     sel = stages.select_random(pool.height, settings.top_k_points, seed=settings.seed)
     ids = pool["example_id"].gather(sel.example_rows.tolist()).to_list()
-    return dg.MaterializeResult(metadata=record_selection(context, lineage, "random", ids, settings.top_k_points))
+    md = record_selection(context, lineage, "random", ids, settings.top_k_points)
+    return dg.MaterializeResult(metadata={**md, **guard_metadata(lineage, excluded, ids)})
 
 
 SELECTION_ASSETS = {"harp_c": harp_c_selection, "harp_e": harp_e_selection, "tsds": tsds_selection,

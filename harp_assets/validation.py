@@ -33,7 +33,7 @@ from harp_assets.groups import VALIDATION
 from harp_assets.hierarchy import leaf_hierarchy
 from harp_assets.leaf_utilities import leaf_utilities
 from harp_assets.posteriors import phi_posteriors
-from harp_assets.selections import SELECTION_ASSETS, newest_selection, record_selection
+from harp_assets.selections import SELECTION_ASSETS, excluded_ids, newest_selection, record_selection
 from harp_assets.sources import pool_examples
 from harp_resources import (
     EvaluatorResource,
@@ -81,8 +81,11 @@ def exhaustive_selection(
     fit = driver.fit_posteriors(table, measurements, base, domains, n_boot=settings.n_boot, seed=settings.seed)
     effects, post = fit.effects, fit.posteriors
     b = stages.base_scores(base, domains)
+    excluded = excluded_ids(settings, lineage)
     sel = stages.select_harp(post, b, table, envelope=settings.primary_envelope,
-                             top_k_points=settings.top_k_points, z_active=settings.z_active)
+                             top_k_points=settings.top_k_points, z_active=settings.z_active,
+                             exclude_rows=np.flatnonzero(np.isin(table.example_ids, list(excluded))) if excluded
+                             else None)
     ids = table.example_ids[sel.example_rows.tolist()].tolist()
     active = np.asarray(sel.active, dtype=bool)
     pred = np.asarray(sel.predicted_rows, dtype=np.float64)

@@ -8,6 +8,7 @@ point budget), and the baselines `tsds` and `random_selection`. `ann` holds the 
 
 from harp.method.active import ActiveRound, choose_active_leaves
 from harp.method.ann import AnnIndex, build_index, faiss_gpu_available, knn, to_euclidean
+from harp.method.contamination import Match, embedding_matches, ngram_matches
 from harp.method.envelopes import (
     ENVELOPES,
     GreedyResult,
@@ -44,6 +45,7 @@ from harp.method.selection import (
     harp_select,
     predicted_utility,
     random_selection,
+    without_rows,
 )
 from harp.method.tsds import TsdsResult, TsdsSelection, tsds_probabilities, tsds_run, tsds_select
 
@@ -82,6 +84,10 @@ __all__ = [
     "normalized_embeddings",
     "predicted_utility",
     "random_selection",
+    "without_rows",
+    "Match",
+    "embedding_matches",
+    "ngram_matches",
     "to_euclidean",
     "tsds_probabilities",
     "tsds_run",

@@ -30,6 +30,7 @@ __all__ = [
     "leaf_of_rows",
     "predicted_utility",
     "random_selection",
+    "without_rows",
 ]
 
 
@@ -90,6 +91,29 @@ def cap_to_budget(
     before = np.cumsum(lengths) - lengths
     pos = np.arange(take, dtype=np.int64) - before[ranks] + starts[ranks]
     return order[pos], kept[ranks], ranks
+
+
+def without_rows(member_order: Any, leaf_offsets: Any, rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR arrays with `rows` left out, renumbered compactly, and the way back.
+
+    Returns ``(order, offsets, back)``: a valid CSR over the ``n - len(rows)`` remaining rows (each leaf keeps
+    its remaining rows in their order; a leaf may become empty) and ``back[i]``, the original row of compact
+    row ``i``. A selection made on the compact arrays maps to pool rows as ``back[selected]``.
+    """
+    order, offsets = _as_csr(member_order, leaf_offsets)
+    n = order.size
+    r = np.unique(np.atleast_1d(np.asarray(rows, dtype=np.int64)))
+    if r.size and (r[0] < 0 or r[-1] >= n):
+        raise ValueError(f"rows to leave out must lie in [0, {n}), got {int(r[0])}..{int(r[-1])}")
+    drop = np.zeros(n, dtype=bool)
+    drop[r] = True
+    back = np.flatnonzero(~drop)
+    compact = np.full(n, -1, dtype=np.int64)
+    compact[back] = np.arange(back.size, dtype=np.int64)
+    keep = ~drop[order]
+    leaf = np.repeat(np.arange(offsets.size - 1, dtype=np.int64), np.diff(offsets))
+    counts = np.bincount(leaf[keep], minlength=offsets.size - 1)
+    return compact[order[keep]], np.concatenate(([0], np.cumsum(counts))).astype(np.int64), back
 
 
 def leaf_of_rows(member_order: Any, leaf_offsets: Any) -> np.ndarray:
