@@ -18,7 +18,6 @@ An existing home keeps the storage its dagster.yaml names.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXPORT_METHODS = ("harp_c", "harp_e", "tsds", "random")
+EXPORT_METHODS = ("harp_c", "harp_e", "tsds", "random")  # as harp_assets.exports (imported late: start-up)
 PROJECT_INSTANCE_CONFIG = Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml"
 # The instance config a new home gets per `--storage`; SQLite needs no server, so it stays the default.
 INSTANCE_CONFIGS = {"sqlite": PROJECT_INSTANCE_CONFIG,
@@ -150,37 +149,6 @@ def prepare_home(home: Path, storage: str | None = None) -> str:
     return used
 
 
-def export_selections(lineage: Any, pool: Any, out: Path, methods: list[str], info: dict[str, Any]) -> dict:
-    """Write each method's newest committed selection as Parquet and JSON Lines with the pool's original
-    columns, in selection order, and the manifest; returns the manifest."""
-    import polars as pl
-
-    from harp.io import atomic_write, write_json, write_parquet
-
-    sel = lineage.query("SELECT method, selection_id, rank, example_id, run_id FROM latest_selections "
-                        "ORDER BY method, rank")
-    files: dict[str, Any] = {}
-    for method in methods:
-        rows = sel.filter(pl.col("method") == method)
-        if rows.height == 0 and method not in set(sel["method"].to_list()):
-            continue
-        picked = rows.select("example_id", pl.col("rank").alias("__rank")).join(pool, on="example_id", how="left")
-        picked = picked.sort("__rank").drop("__rank")
-        write_parquet(picked, out / f"{method}.parquet")
-        with atomic_write(out / f"{method}.jsonl") as fh:
-            picked.write_ndjson(fh)
-        files[method] = {
-            "examples": picked.height,
-            "selection_id": rows["selection_id"][0] if rows.height else None,
-            "run_id": rows["run_id"][0] if rows.height else None,
-            "parquet": f"{method}.parquet",
-            "jsonl": f"{method}.jsonl",
-        }
-    manifest = {**info, "methods": files, "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    write_json(out / "manifest.json", manifest)
-    return manifest
-
-
 def run(args: argparse.Namespace) -> int:
     home = Path(args.home).expanduser().resolve()
     out = Path(args.out).expanduser().resolve()
@@ -274,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         "leaves_trained_this_call": trained,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    from harp_assets.exports import export_selections
+
     manifest = export_selections(lineage, pool, out, methods, info)
     for method, f in manifest["methods"].items():
         print(f"  {method:<8} {f['examples']:>7} examples -> {out / f['parquet']}")

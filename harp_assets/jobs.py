@@ -12,6 +12,7 @@ from harp_assets.base_scores import base_model_scores
 from harp_assets.catalog import lineage_catalog
 from harp_assets.contamination import pool_contamination
 from harp_assets.embeddings import example_embeddings
+from harp_assets.exports import selection_exports
 from harp_assets.hierarchy import leaf_hierarchy
 from harp_assets.leaf_utilities import leaf_utilities
 from harp_assets.posteriors import phi_posteriors
@@ -21,7 +22,7 @@ from harp_assets.validation import exhaustive_selection, selection_validation
 
 PREPARE_ASSETS = [pool_examples, proxy_eval_set, example_embeddings, pool_contamination, leaf_hierarchy,
                   base_model_scores]
-SELECT_ASSETS = [phi_posteriors, *SELECTION_ASSETS.values(), active_round_plan, lineage_catalog]
+SELECT_ASSETS = [phi_posteriors, *SELECTION_ASSETS.values(), active_round_plan, lineage_catalog, selection_exports]
 VALIDATION_ASSETS = [exhaustive_selection, selection_validation]
 ALL_ASSETS = [*PREPARE_ASSETS, leaf_utilities, *SELECT_ASSETS]
 

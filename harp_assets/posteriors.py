@@ -1,8 +1,6 @@
 """Phi posteriors: bootstrap main effects of the measured leaves, shrunk over the hierarchy to every leaf."""
 
 
-import base64
-import io
 import time
 
 import dagster as dg
@@ -12,6 +10,7 @@ import polars as pl
 from harp import driver, store
 from harp.method import active_domains
 from harp.versions import base_scores_key
+from harp_assets import plots
 from harp_assets.base_scores import base_model_scores
 from harp_assets.checking import check_result
 from harp_assets.groups import SELECT
@@ -22,12 +21,8 @@ from harp_resources import EvaluatorResource, FinetunerResource, LineageResource
 
 def _heatmap(mean: np.ndarray, measured: np.ndarray, domains: list[str]) -> str | None:
     """A small PNG of the posterior means (leaves x domains) as markdown, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
     lim = float(np.nanmax(np.abs(mean))) or 1.0
@@ -35,11 +30,7 @@ def _heatmap(mean: np.ndarray, measured: np.ndarray, domains: list[str]) -> str 
     ax.set_yticks(range(len(domains)), domains, fontsize=7)
     ax.set_xlabel(f"leaf ({int(measured.sum())} measured of {measured.size})")
     fig.colorbar(im, ax=ax, label="posterior mean phi")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return f"![phi heatmap](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    return plots.png_markdown(fig, "phi heatmap")
 
 
 @dg.asset(group_name=SELECT, kinds={"numpy", "parquet"}, deps=[leaf_utilities, leaf_hierarchy, base_model_scores])
@@ -107,6 +98,9 @@ def phi_posteriors(
     img = _heatmap(post.mean, post.measured, domains)
     if img:
         md["phi_heatmap"] = dg.MetadataValue.md(img)
+    img = plots.sd_by_source(np.asarray(post.sd), np.asarray(post.measured, dtype=bool))
+    if img:
+        md["posterior_sd_measured_vs_inferred"] = dg.MetadataValue.md(img)
     return dg.MaterializeResult(metadata=md)
 
 

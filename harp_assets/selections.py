@@ -16,6 +16,7 @@ import polars as pl
 from harp import driver, stages, store
 from harp.config import HarpSettings
 from harp.lineage import LineageStore, selection_id_for
+from harp_assets import plots
 from harp_assets.base_scores import base_model_scores
 from harp_assets.checking import check_result
 from harp_assets.contamination import pool_contamination
@@ -160,8 +161,14 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
             {d: round(float(v), 4) for d, v in zip(domains, pred, strict=True)}),
         "running_gain": dg.MetadataValue.json([round(float(x), 5) for x in np.asarray(g.running)[:200]]),
         "note": sel.note or "",
+        # A prediction at the clip (y_d = 1) says the envelope saturates, not that accuracy reaches 100%.
+        "saturated_domains": dg.MetadataValue.json([d for d, v in zip(domains, pred, strict=True) if v >= 0.999]),
         "seconds": round(time.perf_counter() - t0, 3),
     })
+    img = plots.gain_curve(np.asarray(g.running, dtype=np.float64), int(g.cut),
+                           table.leaf_sizes[np.asarray(g.order, dtype=np.int64)], settings.top_k_points)
+    if img:
+        md["gain_curve"] = dg.MetadataValue.md(img)
     return dg.MaterializeResult(metadata=md)
 
 
