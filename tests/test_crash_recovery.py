@@ -187,8 +187,14 @@ def test_a_step_subprocess_dies_with_its_killed_launcher(tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
 
 
+# The waiter starts with the signal handling a terminal gives a command (SIGINT raises KeyboardInterrupt, SIGTERM
+# kills, neither blocked), whatever the test process's own children inherit from it.
 WAITER = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT, signal.SIGTERM}})
 import dagster as dg
 from harp_assets.recovery import wait_for_pool_slot
 with dg.instance_for_test(temp_dir={home!r}, overrides={limit!r}) as instance:
@@ -227,7 +233,13 @@ def test_waiting_for_a_held_slot_sleeps_and_stops_on_sigterm_and_ctrl_c(tmp_path
                 assert sum(proc.cpu_times()[:2]) - before < 1.0  # 3 s of waiting: it sleeps, no busy loop
                 t0 = time.monotonic()
                 waiter.send_signal(sig)
-                waiter.wait(timeout=10)
+                try:
+                    waiter.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    status = [line.strip() for line in open(f"/proc/{waiter.pid}/status")
+                              if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt"))]
+                    waiter.kill()
+                    pytest.fail(f"the waiter outlived {sig!r} by 10 s: {status}")
                 assert time.monotonic() - t0 < 5 and waiter.returncode != 0
             holder.kill()
             holder.wait()
