@@ -6,6 +6,8 @@ data. This asset flags such examples by two signals (13-gram coverage of the ite
 `settings.exclude_contaminated` is off, and says how many it left out.
 """
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import polars as pl
 
 from harp import stages, store
 from harp.contracts import load_eval_set
+from harp.io import read_json, write_json
+from harp.versions import eval_set_hash
 from harp_assets.embeddings import example_embeddings
 from harp_assets.groups import PREPARE
 from harp_assets.sources import pool_examples, proxy_eval_set
@@ -35,10 +39,22 @@ def pool_contamination(
     by_id = dict(zip(pool["example_id"].to_list(), zip(pool["prompt"].to_list(), pool["response"].to_list(),
                                                        strict=True), strict=True))
     texts = [stages.embed_text(*by_id[e]) for e in ids.tolist()]
-    evals = {"proxy": store.load_eval_artifact(lineage)[0]}
+    proxy, eval_hash = store.load_eval_artifact(lineage)
+    evals = {"proxy": proxy}
     test = Path(validation.test_path)
     if test.is_file():  # the held-out split the validation scores on, when this deployment has one
         evals["test"] = load_eval_set(test)
+    # What the flags depend on: the pool, both eval sets, the embedder and the thresholds. Unchanged: reuse.
+    key = hashlib.sha256(json.dumps([version, eval_hash, eval_set_hash(evals["test"]) if "test" in evals else None,
+                                     model_id, settings.contamination_ngram, settings.contamination_coverage,
+                                     settings.contamination_cosine]).encode()).hexdigest()[:16]
+    key_file = store.artifacts_dir(lineage) / "contamination_key.json"
+    if key_file.is_file() and read_json(key_file, "pool_contamination").get("key") == key:
+        found = lineage.read_table("contamination")
+        return dg.MaterializeResult(metadata={
+            "flagged_examples": found["example_id"].n_unique(), "reused": True, "inputs_key": key,
+            "excluded_from_selections": settings.exclude_contaminated,
+            "seconds": round(time.perf_counter() - t0, 3)})
     sets = {}
     for name, ev in evals.items():
         item_texts = [stages.embed_text(p, a) for p, a in zip(ev["prompt"].to_list(), ev["answer_text"].to_list(),
@@ -48,6 +64,7 @@ def pool_contamination(
         ids.tolist(), texts, X, sets, ngram=settings.contamination_ngram,
         min_coverage=settings.contamination_coverage, cosine=settings.contamination_cosine)
     store.write_contamination(lineage, found.with_columns(pool_version=pl.lit(version)))
+    write_json(key_file, {"key": key})
     flagged = found["example_id"].unique().to_list()
     context.log.info(f"contamination guard: {len(flagged)} of {len(ids)} pool examples nearly duplicate an "
                      f"item of {', '.join(f'{k} ({v.height} items)' for k, v in evals.items())}")
@@ -63,6 +80,8 @@ def pool_contamination(
                                              "coverage": settings.contamination_coverage,
                                              "cosine": settings.contamination_cosine}),
         "examples": dg.MetadataValue.json(found.sort("score", descending=True).head(20).to_dicts()),
+        "reused": False,
+        "inputs_key": key,
         "seconds": round(time.perf_counter() - t0, 3),
     })
 

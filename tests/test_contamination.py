@@ -97,3 +97,8 @@ def test_planted_copies_of_eval_items_are_flagged_and_kept_out_of_every_selectio
         for method in ("harp_c", "harp_e", "tsds", "random"):
             md = metadata(results["select"], f"{method}_selection")
             assert md["contaminated_left_out"] == len(flagged) and md["contaminated_selected"] == 0
+        assert metadata(results["prepare"], "pool_contamination")["reused"] is False
+        # nothing changed: the next run reuses the flags instead of embedding the eval sets again
+        again = run_harp(copy.instance, copy.defs)
+        md = metadata(again["prepare"], "pool_contamination")
+        assert md["reused"] is True and md["flagged_examples"] == len(flagged)
