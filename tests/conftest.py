@@ -6,6 +6,7 @@ Helpers the tests share live in `tests/helpers.py`; this file only declares fixt
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,18 @@ from helpers import TINY_CONFIG, TinyPipeline, materialise_tiny_pipeline, tiny_c
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before each test and its fixtures, put SIGTERM, SIGHUP and SIGQUIT back at the OS level to the handlers
+    Python has on record. Native code run in this process (seen after the Ray tests) can set them to SIG_IGN
+    behind Python's back; every child started afterwards would inherit that and ignore SIGTERM, and a
+    multiprocessing pool's workers would then outlive `terminate()`, hanging its join."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture
