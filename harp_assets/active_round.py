@@ -5,7 +5,8 @@ planned and the previous round is folded into the posteriors, picks the next `se
 unmeasured leaves (`method.active`): first the leaves the current `primary_envelope` selection relies on
 without a measurement, then those with the largest posterior sd times possible gain. Their ids go to
 `artifacts/active_rounds.json` and the `active_rounds` lineage table; the leaves are then measured as
-ordinary `leaf_utilities` partitions (by `run_harp`, or by the chain sensors), and the next `phi_posteriors`
+ordinary `leaf_utilities` partitions (registered here, so they show as missing until measured; measured by
+`run_harp`, by the chain sensors, or by "Materialize all" in the UI), and the next `phi_posteriors`
 fit uses the representatives plus every planned leaf. Leaves measured for other reasons (the exhaustive
 validation mode) are never read by HARP's posteriors, so HARP is never silently given the oracle's data.
 """
@@ -19,11 +20,26 @@ import numpy as np
 import polars as pl
 
 from harp import driver, stages, store
+from harp.method import LeafTable
 from harp.versions import sha16
 from harp_assets.groups import SELECT
-from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.hierarchy import (
+    harp_partition_order,
+    leaf_hierarchy,
+    measurement_reasons,
+    register_leaf_partitions,
+    registration_observations,
+)
 from harp_assets.posteriors import phi_posteriors
 from harp_resources import LineageResource, SettingsResource
+
+
+def _register(context: dg.AssetExecutionContext, table: LeafTable, rounds: list[dict], leaves: list[str]) -> list[str]:
+    """Register the `leaves` partitions of `leaves` not registered yet, each with an observation saying why."""
+    fresh = register_leaf_partitions(context.instance, leaves)
+    for obs in registration_observations(fresh, measurement_reasons(table, rounds)):
+        context.log_event(obs)
+    return fresh
 
 
 @dg.asset(group_name=SELECT, kinds={"numpy"}, deps=[phi_posteriors, leaf_hierarchy])
@@ -34,6 +50,8 @@ def active_round_plan(
     t0 = time.perf_counter()
     rounds = store.read_plan(lineage)
     table = store.load_leaf_table(lineage)
+    # Leaves of rounds planned before are HARP's too: a registry that lost them (or predates them) gets them back.
+    _register(context, table, rounds, harp_partition_order(table, rounds))
     post, meta = store.load_posteriors(lineage)
     if meta["leaf_ids"] != table.leaf_ids.tolist():
         raise ValueError("phi_posteriors were fitted on another leaf table: materialise phi_posteriors again")
@@ -69,8 +87,9 @@ def active_round_plan(
             "created_at": [now] * len(leaves),
             "run_id": [context.run.run_id] * len(leaves),
         }, schema_overrides={"round": pl.Int32, "rank": pl.Int32, "created_at": pl.Datetime("us", "UTC")}))
+    fresh = _register(context, table, rounds, leaves)
     context.log.info(f"active round {number}: {len(leaves)} leaf(s) to measure: {leaves}")
     return dg.MaterializeResult(metadata={
         **md, "rounds_planned": number, "new_round": True, "round": number,
-        "leaves": dg.MetadataValue.json(leaves), "scores": dg.MetadataValue.json([round(s, 6) for s in scores]),
+        "new_partitions": len(fresh), "leaves": dg.MetadataValue.json(leaves), "scores": dg.MetadataValue.json([round(s, 6) for s in scores]),
         "seconds": round(time.perf_counter() - t0, 3)})

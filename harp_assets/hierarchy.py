@@ -5,12 +5,19 @@ it (`stages.update_leaf_table`): measured leaves keep their member sets, so thei
 new examples near them gather in delta leaves; a removed or edited example makes only its own leaf stale.
 Each measured leaf's drift (how far its members moved since its measurement) is in the catalog's `leaf_drift`
 view and, for leaves that changed, on the leaf's partition in the UI as an observation.
+
+The `leaves` partitions are the leaves HARP means to measure, not every leaf: the representatives, then each
+active round's picks (`active_round_plan` registers those), plus every leaf only once the exhaustive
+validation mode asks for them (`register_leaf_partitions`). So a partition shown as missing is pending HARP
+work, and "Materialize all" trains what HARP would. A registered leaf that is not HARP's keeps its partition
+while it has a stored measurement; a leaf that left the hierarchy loses its partition, its rows stay.
 """
 
 
 import datetime as dt
 import time
 from collections import Counter
+from collections.abc import Iterable
 
 import dagster as dg
 import numpy as np
@@ -34,6 +41,48 @@ def partition_order(table: LeafTable) -> list[str]:
     reps = sorted(table.leaf_ids[table.representative].tolist())
     rest = sorted(table.leaf_ids[~table.representative].tolist())
     return reps + rest
+
+
+def harp_partition_order(table: LeafTable, rounds: list[dict]) -> list[str]:
+    """HARP's leaves in registration order: the representatives (id order), then each planned round's picks
+    in the order the round ranked them; leaves no longer in the table are left out."""
+    current = set(table.leaf_ids.tolist())
+    order = sorted(table.leaf_ids[table.representative].tolist())
+    for r in rounds:
+        order += [leaf for leaf in r["leaves"] if leaf in current]
+    return list(dict.fromkeys(order))
+
+
+def measurement_reasons(table: LeafTable, rounds: list[dict]) -> dict[str, str]:
+    """Why each current leaf is (or would be) measured: "representative", "active round <k>" (the first round
+    that picked it), or "exhaustive" (only the exhaustive validation mode measures it; HARP never reads it)."""
+    reasons = dict.fromkeys(table.leaf_ids.tolist(), "exhaustive")
+    for r in reversed(rounds):  # the earliest round that picked a leaf wins
+        for leaf in r["leaves"]:
+            if leaf in reasons:
+                reasons[leaf] = f"active round {r['round']}"
+    for leaf in table.leaf_ids[table.representative].tolist():
+        reasons[leaf] = "representative"
+    return reasons
+
+
+def register_leaf_partitions(instance: dg.DagsterInstance, leaf_ids: Iterable[str]) -> list[str]:
+    """Register the `leaves` partitions of `leaf_ids` not registered yet, in the given order (new keys go to
+    the end of the registry, so each call's keys form contiguous ranges); returns the keys added."""
+    known = set(instance.get_dynamic_partitions(LEAVES_PARTITIONS.name))
+    fresh = [k for k in dict.fromkeys(leaf_ids) if k not in known]
+    if fresh:
+        instance.add_dynamic_partitions(LEAVES_PARTITIONS.name, fresh)
+    return fresh
+
+
+def registration_observations(fresh: list[str], reasons: dict[str, str]) -> list[dg.AssetObservation]:
+    """One observation per newly registered partition saying why HARP measures it, so a partition still
+    missing already shows in the UI whether it is a representative or an active round's pick."""
+    return [dg.AssetObservation(asset_key=LEAF_UTILITIES_KEY, partition=leaf,
+                                metadata={"registered_because": reasons.get(leaf, "exhaustive"),
+                                          "is_representative": reasons.get(leaf) == "representative"})
+            for leaf in fresh]
 
 
 def _drift_observations(drift: pl.DataFrame, changed: set[str]) -> list[dg.AssetObservation]:
@@ -125,16 +174,23 @@ def leaf_hierarchy(
     lineage.write_table("examples", examples)
     drift = store.leaf_drift(lineage)
 
-    order = partition_order(table)
+    # The partitions are HARP's leaves (representatives, then the planned rounds' picks still current).
+    rounds = store.read_plan(lineage)
+    order = harp_partition_order(table, rounds)
+    current = set(table.leaf_ids.tolist())
     known = set(context.instance.get_dynamic_partitions(LEAVES_PARTITIONS.name))
-    fresh = [k for k in order if k not in known]
-    if fresh:
-        context.instance.add_dynamic_partitions(LEAVES_PARTITIONS.name, fresh)
     # Leaves retired (split, emptied, or a rebuild) leave the partition list; their stored rows stay as history.
-    retired = sorted(known - set(order))
-    for key in retired:
+    retired = sorted(known - current)
+    # A current leaf that is not HARP's (registered by the exhaustive mode, or by an older version that
+    # registered every leaf) keeps its partition while a measurement of it is stored; else it goes, so
+    # "Materialize all" never trains it.
+    unplanned = sorted((known & current) - set(order) - measured)
+    for key in retired + unplanned:
         context.instance.delete_dynamic_partition(LEAVES_PARTITIONS.name, key)
-    reps = [k for k in order if k in set(table.leaf_ids[table.representative].tolist())]
+    fresh = register_leaf_partitions(context.instance, order)
+    for obs in registration_observations(fresh, measurement_reasons(table, rounds)):
+        context.log_event(obs)
+    reps = sorted(table.leaf_ids[table.representative].tolist())
     store.write_hierarchy_meta(lineage, {
         "how": how, "pool_version": version, "embedder": model_id, "representatives": reps,
         "changed": growth.changed if growth else None, "reason": update.reason,
@@ -148,6 +204,9 @@ def leaf_hierarchy(
         "representatives": len(reps),
         "new_partitions": len(fresh),
         "retired_partitions": len(retired),
+        "unplanned_partitions_removed": len(unplanned),
+        "registered_partitions": len(context.instance.get_dynamic_partitions(LEAVES_PARTITIONS.name)),
+        "representative_ids": dg.MetadataValue.json(reps),
         "leaf_size_min_median_max": f"{int(sizes.min())} / {int(np.median(sizes))} / {int(sizes.max())}",
         "seconds": round(time.perf_counter() - t0, 3),
     }

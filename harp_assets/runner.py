@@ -19,7 +19,7 @@ from harp import driver, store
 from harp.io import check_writable, remove_stale_temps
 from harp.lineage import LineageStore
 from harp_assets.active_round import active_round_plan
-from harp_assets.hierarchy import LEAVES_PARTITIONS
+from harp_assets.hierarchy import LEAVES_PARTITIONS, register_leaf_partitions
 from harp_assets.jobs import harp_prepare_job, harp_select_job, harp_validation_job, leaf_utilities_job
 from harp_assets.recovery import process_tags, recover_dead_runs, wait_for_pool_slot
 from harp_assets.validation import exhaustive_leaf_ids
@@ -171,7 +171,9 @@ def run_validation(
     tags = {**dict(tags or {}), **process_tags()}
     results: dict[str, Any] = {"seconds": {}}
     t0 = time.perf_counter()
-    results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(exhaustive_leaf_ids(lineage)),
+    wanted = exhaustive_leaf_ids(lineage)
+    register_leaf_partitions(instance, wanted)  # only this mode makes the leaves beyond HARP's partitions
+    results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(wanted),
                                            {**dict(tags or {}), "harp/exhaustive": "true"})
     results["seconds"]["exhaustive_leaf_runs"] = time.perf_counter() - t0
     if not all(r.success for r in results["leaf_runs"]):

@@ -30,7 +30,7 @@ from harp.metrics import kind_shares, load_ground_truth, oracle_fraction, spearm
 from harp.versions import sha16
 from harp_assets.base_scores import base_model_scores
 from harp_assets.groups import VALIDATION
-from harp_assets.hierarchy import leaf_hierarchy
+from harp_assets.hierarchy import harp_partition_order, leaf_hierarchy, partition_order
 from harp_assets.leaf_utilities import leaf_utilities
 from harp_assets.posteriors import phi_posteriors
 from harp_assets.selections import SELECTION_ASSETS, excluded_ids, newest_selection, record_selection
@@ -74,7 +74,8 @@ def exhaustive_selection(
     if missing:
         raise ValueError(
             f"the exhaustive mode needs every leaf measured; {len(missing)} of {table.n_leaves} are not (or are "
-            f"stale), e.g. {missing[:5]}: run `make validate`, or materialise every leaf_utilities partition"
+            f"stale), e.g. {missing[:5]}: run `make validate` (harp_assets.runner.run_validation registers every leaf "
+            "as a leaf_utilities partition and measures it)"
         )
     base, meta = store.load_base(lineage)
     domains = list(meta["domains"])
@@ -222,6 +223,12 @@ def selection_validation(
 
 
 def exhaustive_leaf_ids(lineage: LineageStore) -> list[str]:
-    """Every current leaf: what the exhaustive mode measures (HARP's own leaves are among them, cached)."""
-    return store.load_leaf_table(lineage).leaf_ids.tolist()
+    """Every current leaf: what the exhaustive mode measures (HARP's own leaves are among them, cached), in
+    registration order: HARP's leaves first, then the rest in id order. Only this mode registers the rest
+    as `leaves` partitions (`hierarchy.register_leaf_partitions`), so "Materialize all" trains them only
+    after the exhaustive mode was asked for."""
+    table = store.load_leaf_table(lineage)
+    order = harp_partition_order(table, store.read_plan(lineage))
+    harp = set(order)
+    return order + [leaf for leaf in partition_order(table) if leaf not in harp]
 
