@@ -616,10 +616,11 @@ def run_size(n: int, cfg: ScaleConfig, work: Path, echo: Callable[[str], None] |
             "embedder": [_MODEL_ID], "base_model": [_BASE_ID], "config_json": [settings.as_json()],
             "seed": [settings.seed], "train_eval_runs": [len(measurements)], "leaves_total": [table.n_leaves],
             "leaves_measured": [len(measurements)], "examples": [n], "seconds_json": ["{}"], "active_rounds": [0],
-            "active_leaves": [0],
+            "active_leaves": [0], "leaves_stored": [len(measurements)], "trained_since": [None],
         }, schema_overrides={"created_at": pl.Datetime("us", "UTC"), "train_eval_runs": pl.Int32,
                              "leaves_total": pl.Int32, "leaves_measured": pl.Int32, "active_rounds": pl.Int32,
-                             "active_leaves": pl.Int32}), exist_ok=True)
+                             "active_leaves": pl.Int32, "leaves_stored": pl.Int32,
+                             "trained_since": pl.Datetime("us", "UTC")}), exist_ok=True)
         info.update({f"{m}_rows": len(v) for m, v in chosen.items()})
     with rec.stage("catalog_refresh") as info:
         info.update(files=lineage.refresh_catalog())

@@ -163,6 +163,8 @@ SCHEMAS: dict[str, pl.Schema] = {
             "seconds_json": pl.String,
             "active_rounds": pl.Int32,
             "active_leaves": pl.Int32,
+            "leaves_stored": pl.Int32,
+            "trained_since": UTC_US,
         }
     ),
     "active_rounds": pl.Schema(
@@ -235,8 +237,10 @@ NULLABLE: dict[str, frozenset[str]] = {
     "phi_posteriors": frozenset(),
     # Random selection has no gain; a baseline without a utility model predicts nothing.
     "selections": frozenset({"gain", "predicted_utility", "run_id"}),
-    # Manifests written before active rounds existed read these as null.
-    "run_manifests": frozenset({"active_rounds", "active_leaves"}),
+    # Manifests written before active rounds existed read these as null; so do those written before stored
+    # and trained leaves were counted apart (their train_eval_runs counted the stored measurements);
+    # trained_since is null on the first manifest (train_eval_runs then counts every stored measurement).
+    "run_manifests": frozenset({"active_rounds", "active_leaves", "leaves_stored", "trained_since"}),
     "selection_commits": frozenset(),
     "active_rounds": frozenset({"run_id"}),
     # Without a ground-truth file the harmful/redundant shares are unknown; the full pool has no selection.

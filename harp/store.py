@@ -12,6 +12,7 @@ sensors and the runner all decide on, so they are written once here.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,14 @@ def read_measurements(
             continue
         fresh[leaf] = read_parquet(correctness_path(lineage, leaf), "leaf_utilities")
     return fresh, stale
+
+
+def leaves_measured_since(lineage: LineageStore, since: dt.datetime | None) -> list[str]:
+    """Leaf ids whose stored measurement was made after `since` (all stored ones when None): the
+    train-evaluate cycles a pipeline call ran, counted from the lineage rows rather than from a run."""
+    rows = lineage.read_partitions("leaf_utilities")
+    return sorted(leaf for leaf, df in rows.items()
+                  if df.height and (since is None or df["measured_at"].max() > since))
 
 
 def aligned_correctness(fresh: dict[str, pl.DataFrame], table: LeafTable, base: EvalResult) -> dict[int, np.ndarray]:

@@ -8,8 +8,9 @@ A sensor cannot chain runs itself, so the three jobs are linked by run-status se
    touched but unchanged file launches nothing. No request while any HARP run is queued or in flight.
 2. `leaf_refresh_sensor` reacts to a successful prepare run tagged `harp/chain` (the tag the two above set;
    runs from `run_harp` or the UI carry none, so they are never chained twice) and requests one
-   `leaf_utilities_job` run per contiguous partition range of the representative leaves that are new or
-   stale (stored data version differs from the expected one). With nothing to train it requests
+   `leaf_utilities_job` run per contiguous partition range of HARP's leaves (representatives and planned
+   rounds' picks, the only leaves registered as partitions) that are new or stale (stored data version
+   differs from the expected one). With nothing to train it requests
    `harp_select_job` directly, and nothing at all when the stored posteriors already fit the current leaves.
 3. `selection_after_leaves_sensor` requests `harp_select_job` once every leaf run of a batch succeeded.
 4. `active_round_sensor` reacts to a successful chained selection run: when `active_round_plan` asked for
@@ -29,7 +30,7 @@ from harp import driver, store
 from harp.config import HarpSettings
 from harp.lineage import LineageStore
 from harp.sources import PoolSource, pool_version
-from harp_assets.hierarchy import LEAVES_PARTITIONS
+from harp_assets.hierarchy import LEAVES_PARTITIONS, harp_partition_order
 from harp_assets.jobs import harp_prepare_job, harp_select_job, leaf_utilities_job
 from harp_assets.recovery import recover_dead_runs
 from harp_resources import (
@@ -187,7 +188,11 @@ def leaf_requests(
     `select_when_idle` and the posteriors are not current)."""
     wanted = driver.stale_harp_leaves(lineage, finetuner, evaluator, settings)
     registered = list(instance.get_dynamic_partitions(LEAVES_PARTITIONS.name))
-    missing = [k for k in wanted if k not in set(registered)]
+    # The hierarchy and the plan register HARP's leaves; any still missing are added here, in HARP's order
+    # (representatives, then the rounds' picks), so the registry keeps holding HARP's leaves only.
+    known, stale = set(registered), set(wanted)
+    order = harp_partition_order(store.load_leaf_table(lineage), store.read_plan(lineage))
+    missing = [k for k in order if k in stale and k not in known]
     ranges = driver.partition_ranges(registered + missing, set(wanted))
     if not ranges:
         if not select_when_idle:

@@ -1,4 +1,9 @@
-"""The run manifest and the DuckDB catalog: the one writer of the catalog, after every selection."""
+"""The run manifest and the DuckDB catalog: the one writer of the catalog, after every selection.
+
+A manifest counts what was done apart from what is stored: `train_eval_runs` is the leaf train-evaluate
+cycles stored since the previous manifest (`trained_since`; the leaf runs of this pipeline call, 0 for a
+selection run on its own), `leaves_stored` every stored leaf measurement, current or not, HARP's or not.
+"""
 
 import datetime as dt
 import json
@@ -8,6 +13,7 @@ import dagster as dg
 import polars as pl
 
 from harp import store
+from harp.lineage import LineageStore
 from harp.versions import measurement_key
 from harp_assets.active_round import active_round_plan
 from harp_assets.groups import SELECT
@@ -39,6 +45,13 @@ def _stage_seconds(context: dg.AssetExecutionContext) -> dict[str, float]:
     return out
 
 
+def previous_manifest_time(lineage: LineageStore, run_id: str) -> dt.datetime | None:
+    """When the newest manifest of another run was written (a retried step rewrites its own run's), or None
+    before the first: the start of the window whose leaf measurements this manifest counts as trained."""
+    manifests = lineage.read_table("run_manifests").filter(pl.col("run_id") != run_id)
+    return manifests["created_at"].max() if manifests.height else None
+
+
 @dg.asset(
     group_name=SELECT,
     kinds={"duckdb"},
@@ -62,6 +75,8 @@ def lineage_catalog(
     fresh = [leaf for leaf in fresh_all if leaf in wanted]
     rounds = store.read_plan(lineage)
     stored = lineage.partition_keys("leaf_utilities")
+    since = previous_manifest_time(lineage, context.run.run_id)
+    trained = store.leaves_measured_since(lineage, since)
     now = dt.datetime.now(dt.timezone.utc)
     manifest = pl.DataFrame({
         "run_id": [context.run.run_id],
@@ -72,16 +87,19 @@ def lineage_catalog(
         "config_json": [json.dumps({"settings": settings.model_dump(), "measurement": measurement_key(finetuner, evaluator),
                                     "eval_hash": bmeta["eval_hash"]}, sort_keys=True, default=str)],
         "seed": [settings.seed],
-        "train_eval_runs": [len(stored)],
+        "train_eval_runs": [len(trained)],
         "leaves_total": [table.n_leaves],
         "leaves_measured": [len(fresh)],
         "examples": [pool.height],
         "seconds_json": [json.dumps(_stage_seconds(context), sort_keys=True)],
         "active_rounds": [len(rounds)],
         "active_leaves": [sum(len(r["leaves"]) for r in rounds)],
+        "leaves_stored": [len(stored)],
+        "trained_since": [since],
     }, schema_overrides={"created_at": pl.Datetime("us", "UTC"), "train_eval_runs": pl.Int32,
                          "leaves_total": pl.Int32, "leaves_measured": pl.Int32, "active_rounds": pl.Int32,
-                         "active_leaves": pl.Int32})
+                         "active_leaves": pl.Int32, "leaves_stored": pl.Int32,
+                         "trained_since": pl.Datetime("us", "UTC")})
     lineage.append_run("run_manifests", context.run.run_id, manifest, exist_ok=True)
     files = lineage.refresh_catalog()
     sizes = {}
@@ -95,5 +113,7 @@ def lineage_catalog(
         "latest_selection_sizes": dg.MetadataValue.json(sizes),
         "leaves_measured": len(fresh),
         "leaves_total": table.n_leaves,
+        "leaves_trained_since_previous_manifest": len(trained),
+        "leaves_stored": len(stored),
         "seconds": round(time.perf_counter() - t0, 3),
     })
