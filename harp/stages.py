@@ -48,6 +48,7 @@ from harp.method import (
     tsds_select,
     without_rows,
 )
+from harp.method.less import CountSketch, LessScores, adam_direction, less_scores, less_select
 from harp.models.evaluator import EvalResult, Evaluator, parse_eval_set
 from harp.models.finetuner import LoraFinetuner
 from harp.progress import LogTarget, Progress, emit
@@ -345,6 +346,16 @@ def embed_text(prompt: str, response: str) -> str:
     return f"{prompt}\n{response}"
 
 
+def eval_item_texts(eval_set: pl.DataFrame) -> list[str]:
+    """Eval items embedded the way pool examples are: the prompt and its correct answer.
+
+    TSDS's queries and the contamination guard compare these with pool embeddings; a prompt-only query would
+    sit in another part of the space than the (prompt, response) candidates it is matched against.
+    """
+    return [embed_text(p, a) for p, a in zip(eval_set["prompt"].to_list(), eval_set["answer_text"].to_list(),
+                                             strict=True)]
+
+
 def measure_leaves(
     finetuner: LoraFinetuner,
     evaluator: Evaluator,
@@ -511,6 +522,70 @@ def select_tsds(
 ) -> TsdsSelection:
     """The train-free TSDS baseline: `budget` pool rows drawn (with replacement) towards the queries."""
     return tsds_select(X_pool, X_queries, budget, seed=seed, **dict(params or {}))
+
+
+@dataclass(frozen=True)
+class LessFeatures:
+    """What LESS computes once per pool and seed; `select_less_rows` cuts it at any budget."""
+
+    scores: LessScores
+    warmup_rows: np.ndarray  # the random subset the adapter was warmed up on
+    warmup_seconds: float
+    gradient_seconds: float
+
+
+def less_features(
+    finetuner: LoraFinetuner,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    eval_set: pl.DataFrame,
+    *,
+    seed: int = 0,
+    warmup_fraction: float = 0.05,
+    dim: int = 1024,
+    log: LogTarget = None,
+) -> LessFeatures:
+    """LESS's scores for every pool row (harp/method/less.py): warm up on a random `warmup_fraction` of the
+    pool, then sketch each example's Adam-preconditioned gradient and each proxy item's gradient (on its
+    correct answer), and score by the best domain's mean cosine. The adapter is reset by the next training."""
+    if not 0.0 < warmup_fraction <= 1.0:
+        raise ValueError(f"warmup_fraction must lie in (0, 1], got {warmup_fraction!r}")
+    n = len(prompts)
+    if n != len(responses) or n == 0:
+        raise ValueError(f"LESS needs a non-empty pool with one response per prompt; got {n} and {len(responses)}")
+    missing = [c for c in ("prompt", "answer_text", "domain") if c not in eval_set.columns]
+    if missing:
+        raise ValueError(f"LESS needs the eval set as harp.contracts.load_eval_set returns it; missing {missing}")
+    rng = np.random.default_rng([seed, 7])
+    warm = np.sort(rng.choice(n, size=max(1, round(n * warmup_fraction)), replace=False))
+    t0 = time.perf_counter()
+    stats = finetuner.train([prompts[r] for r in warm], [responses[r] for r in warm], seed=seed, reset=True,
+                            keep_moments=True)
+    warmup_seconds = time.perf_counter() - t0
+    mom = stats.moments
+    assert mom is not None
+    sketch = CountSketch.make(mom.exp_avg.size, dim, seed)
+    t0 = time.perf_counter()
+    progress = Progress(n + eval_set.height, log, what="LESS gradient", plural="gradients")
+    train_parts = []
+    for block in finetuner.example_gradients(prompts, responses):
+        pre = adam_direction(block, mom.exp_avg, mom.exp_avg_sq, beta1=mom.beta1, beta2=mom.beta2, eps=mom.eps)
+        train_parts.append(sketch.apply(pre))
+        for _ in range(block.shape[0]):
+            progress.step()
+    proxy_parts = []
+    for block in finetuner.example_gradients(eval_set["prompt"].to_list(), eval_set["answer_text"].to_list()):
+        proxy_parts.append(sketch.apply(block))
+        for _ in range(block.shape[0]):
+            progress.step()
+    scores = less_scores(np.vstack(train_parts), np.vstack(proxy_parts), eval_set["domain"].to_list())
+    return LessFeatures(scores=scores, warmup_rows=warm, warmup_seconds=warmup_seconds,
+                        gradient_seconds=time.perf_counter() - t0)
+
+
+def select_less_rows(features: LessFeatures, budget: int) -> np.ndarray:
+    """The LESS selection at `budget`: the highest-scoring pool rows, best first."""
+    return less_select(features.scores.score, budget)
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,7 @@ def pool_contamination(
             "seconds": round(time.perf_counter() - t0, 3)})
     sets = {}
     for name, ev in evals.items():
-        item_texts = [stages.embed_text(p, a) for p, a in zip(ev["prompt"].to_list(), ev["answer_text"].to_list(),
-                                                               strict=True)]
+        item_texts = stages.eval_item_texts(ev)
         sets[name] = (ev["example_id"].to_list(), item_texts, embedder.embed(item_texts))
     found = stages.find_contamination(
         ids.tolist(), texts, X, sets, ngram=settings.contamination_ngram,

@@ -14,7 +14,7 @@ from harp_demo.build import BaseModelConfig
 pytestmark = pytest.mark.slow
 
 TINY_BASE = BaseModelConfig(vocab_size=600, n_layer=2, n_head=2, n_embd=64, n_positions=128, steps=150, batch_size=16)
-METHODS = {"harp_c", "harp_e", "harp_active", "exhaustive", "tsds", "random", "full"}
+METHODS = {"harp_c", "harp_e", "harp_active", "exhaustive", "less", "tsds", "random", "full"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,9 @@ def test_costs_are_charged_per_method(report):
     assert by[("harp_active", b)]["train_eval_runs"] == reps + diag["active_leaves"]
     assert diag["active_leaves"] == 1
     assert by[("tsds", b)]["train_eval_runs"] == by[("random", b)]["train_eval_runs"] == 0
+    assert by[("less", b)]["train_eval_runs"] == 1  # its warm-up
+    # TSDS trains on its sampled multiset: exactly `budget` draws, duplicates included.
+    assert by[("tsds", b)]["examples"] == b and by[("tsds", b)]["distinct"] <= b
     rho = diag["spearman_posterior_vs_exhaustive"]
     assert rho is None or -1.0 <= rho <= 1.0
 

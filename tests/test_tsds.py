@@ -210,3 +210,14 @@ def test_select_budget_and_seed(toy):
     assert (a.p[a.sample] > 0).all()
     with pytest.raises(ValueError, match="budget"):
         tsds_select(X, Q, 0, **REF)
+
+
+def test_k_kde_is_capped_at_a_tenth_of_the_pool():
+    # 30 exact copies and 70 far points: N/10 = 10, so K_kde=25 acts as 10 and the copies' kde is 10, not 25.
+    X = np.vstack([np.zeros((30, 2)), np.full((70, 2), 50.0) + np.arange(70)[:, None]])
+    Q = np.zeros((1, 2))
+    with pytest.warns(UserWarning, match="K_kde=25 exceeds N/10 for N=100"):
+        res = tsds_run(X, Q, alpha=0.5, C=1.0, sigma=1.0, K=10, K_kde=25)
+    assert res.K_kde == 10
+    assert (res.neighbor_kde == 10.0).all()
+    np.testing.assert_array_equal(res.p, tsds_run(X, Q, alpha=0.5, C=1.0, sigma=1.0, K=10, K_kde=10).p)

@@ -23,7 +23,7 @@ import numpy as np
 from harp.io import atomic_write
 
 # Row order of every table: HARP first, then the oracle it is measured against, then the baselines.
-METHODS: tuple[str, ...] = ("harp_c", "harp_e", "harp_active", "exhaustive", "tsds", "random", "full")
+METHODS: tuple[str, ...] = ("harp_c", "harp_e", "harp_active", "exhaustive", "less", "tsds", "random", "full")
 HARP_VARIANTS: tuple[str, ...] = ("harp_c", "harp_e")
 SERIES_REPRESENTATIVES = "representatives"
 SERIES_ACTIVE = "representatives + active rounds"
@@ -58,6 +58,7 @@ _COLOURS = {
     "harp_e": "#17becf",
     "harp_active": "#9467bd",
     "exhaustive": "#d62728",
+    "less": "#8c564b",
     "tsds": "#ff7f0e",
     "random": "#7f7f7f",
     "full": "#2ca02c",

@@ -34,6 +34,8 @@ from harp.io import write_json, write_npz
 log = logging.getLogger("harp.benchmark")
 
 DEFAULT_POOL = 10_000
+LESS_WARMUP = 0.05  # the share of the pool LESS warms its adapter up on, as its reference does
+LESS_DIM = 1024  # LESS's gradient sketch dimension
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_DENOMINATORS = (14, 7, 3)  # budgets of about 1/14, 1/7 and 1/3 of the pool
 MAIN_DENOMINATOR = 7
@@ -105,7 +107,9 @@ class Bench:
         self.evaluator = Evaluator()
         embedder = embedder or Embedder(device=device)
         texts = [embed_text(p, r) for p, r in zip(self.prompts, self.responses, strict=True)]
-        key = _fingerprint([embedder.model_id, self.ids, texts])
+        # TSDS's queries are embedded as candidates are: prompt plus the correct answer.
+        queries = stages.eval_item_texts(self.eval_set)
+        key = _fingerprint([embedder.model_id, self.ids, texts, queries])
         cache = out / "cache" / f"embeddings-{key}.npz"
         t0 = time.perf_counter()
         if cache.is_file():
@@ -114,7 +118,7 @@ class Bench:
         else:
             log.info("embedding %d pool examples and %d proxy prompts", len(texts), self.eval_set.height)
             self.X = embedder.embed(texts)
-            self.Q = embedder.embed(self.eval_set["prompt"].to_list())
+            self.Q = embedder.embed(queries)
             write_npz(cache, X=self.X, Q=self.Q)
         self.embed_seconds = time.perf_counter() - t0
         self.base_proxy = stages.score_base(self.finetuner, self.evaluator, self.eval_set)
@@ -168,6 +172,22 @@ class Bench:
         write_npz(path, correct=correct, seconds=seconds)
         return {g: correct[g] for g in range(h.n_leaves)}, seconds
 
+    def less(self, seed: int) -> tuple[np.ndarray, float]:
+        """LESS's per-row scores and seconds (warm-up plus gradients), cached per seed like the leaves."""
+        from harp import stages
+
+        path = self._cache_file("less", seed, self.ids, LESS_WARMUP, LESS_DIM).with_suffix(".npz")
+        if path.is_file():
+            with np.load(path) as z:
+                return z["score"], float(z["seconds"])
+        log.info("seed %d: LESS warm-up on %.0f%% of the pool, then %d gradients", seed, 100 * LESS_WARMUP,
+                 len(self.ids) + self.eval_set.height)
+        f = stages.less_features(self.finetuner, self.prompts, self.responses, self.eval_set, seed=seed,
+                                 warmup_fraction=LESS_WARMUP, dim=LESS_DIM, log=log)
+        seconds = f.warmup_seconds + f.gradient_seconds
+        write_npz(path, score=f.scores.score, seconds=np.float64(seconds))
+        return f.scores.score, seconds
+
     def shares(self, rows: list[int]) -> dict[str, float]:
         from harp.metrics import kind_shares
 
@@ -176,6 +196,7 @@ class Bench:
     def run_seed(self, seed: int) -> tuple[list[dict], dict]:
         from harp import driver, stages
         from harp.method.envelopes import active_domains
+        from harp.method.less import less_select
         from harp.metrics import spearman
 
         cfg, s = self.cfg, self.settings
@@ -263,8 +284,15 @@ class Bench:
             ts = stages.select_tsds(self.X, self.Q, budget, seed=seed, params=s.tsds_params())
             counts = np.asarray(ts.counts)
             picked = np.flatnonzero(counts > 0)
-            rows = picked[np.lexsort((picked, -counts[picked]))].tolist()
-            add("tsds", budget, rows, 0, time.perf_counter() - t)
+            order = picked[np.lexsort((picked, -counts[picked]))]
+            # TSDS trains on its sampled multiset, duplicates included, as its reference does.
+            rows = np.repeat(order, counts[order]).tolist()
+            add("tsds", budget, rows, 0, time.perf_counter() - t, distinct=int(order.size))
+            less_score, less_seconds = self.less(seed)
+            t = time.perf_counter()
+            rows = less_select(less_score, budget).tolist()
+            # One training run (the warm-up) and no evaluation: charged as one train-evaluate run.
+            add("less", budget, rows, 1, less_seconds + time.perf_counter() - t)
             t = time.perf_counter()
             rows = stages.select_random(len(self.ids), budget, seed=seed).example_rows.tolist()
             add("random", budget, rows, 0, time.perf_counter() - t)

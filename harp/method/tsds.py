@@ -81,11 +81,17 @@ def _validate(alpha: Any, C: Any, sigma: Any, K: Any, K_kde: Any, n: int) -> tup
     cap = n // 10
     if cap < 1:
         raise ValueError(f"TSDS needs at least 10 candidates (K is at most N/10), got N={n}")
+    # Both neighbourhoods are capped at N/10, as the reference does (no effect at the defaults on large pools).
     if k > cap:
         msg = f"K={k} exceeds N/10 for N={n} candidates; using K={cap}"
         warnings.warn(msg, UserWarning, stacklevel=3)
         logger.warning(msg)
         k = cap
+    if kk > cap:
+        msg = f"K_kde={kk} exceeds N/10 for N={n} candidates; using K_kde={cap}"
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        logger.warning(msg)
+        kk = cap
     return a, c, sg, k, kk
 
 

@@ -135,6 +135,18 @@ def _load_base(base_model: str, trust_remote_code: bool, spec: DeviceSpec) -> _B
 # -- results -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AdamMoments:
+    """Adam's state over the LoRA parameters, flattened: what LESS preconditions gradients with."""
+
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+    beta1: float
+    beta2: float
+    eps: float
+    steps: int
+
+
 @dataclass
 class TrainStats:
     """What one adapter training did: losses, sizes and time."""
@@ -149,6 +161,8 @@ class TrainStats:
     epochs: int
     seed: int
     truncated: int = 0
+    # Adam's moments at the end of training, flattened in `adapter_parameters()` order (with keep_moments=True).
+    moments: AdamMoments | None = None
 
     @property
     def first_loss(self) -> float:
@@ -157,6 +171,16 @@ class TrainStats:
     @property
     def last_loss(self) -> float:
         return self.step_losses[-1] if self.step_losses else float("nan")
+
+
+def _adam_moments(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> AdamMoments:
+    group = opt.param_groups[0]
+    states = [opt.state.get(p, {}) for p in params]
+    if not all("exp_avg" in st for st in states):
+        raise RuntimeError("the optimiser has no Adam moments for some LoRA parameter (no step taken?)")
+    flat = [torch.cat([st[k].detach().reshape(-1).float().cpu() for st in states]).numpy() for k in ("exp_avg", "exp_avg_sq")]
+    return AdamMoments(exp_avg=flat[0], exp_avg_sq=flat[1], beta1=float(group["betas"][0]),
+                       beta2=float(group["betas"][1]), eps=float(group["eps"]), steps=int(states[0]["step"]))
 
 
 # -- the resource --------------------------------------------------------------------------------------
@@ -398,6 +422,7 @@ class LoraFinetuner(BaseModel):
         *,
         seed: int | None = None,
         reset: bool = True,
+        keep_moments: bool = False,
     ) -> TrainStats:
         """Train the adapter on (prompt, response) pairs; it stays active afterwards.
 
@@ -425,6 +450,7 @@ class LoraFinetuner(BaseModel):
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
             rng = np.random.default_rng(seed)
+            moments: AdamMoments | None = None
             step_losses: list[float] = []
             epoch_losses: list[float] = []
             tokens = target_tokens = 0
@@ -465,6 +491,8 @@ class LoraFinetuner(BaseModel):
                             tokens += int(attn.sum())
                             target_tokens += n_tgt
                         epoch_losses.append(ep_sum / max(1, ep_count))
+                if keep_moments:
+                    moments = _adam_moments(opt, params)
             finally:
                 model.eval()
                 for p in params:
@@ -480,12 +508,53 @@ class LoraFinetuner(BaseModel):
             epochs=self.epochs,
             seed=seed,
             truncated=cut,
+            moments=moments if keep_moments else None,
         )
         log.debug(
             "trained adapter on %d examples: %d steps, loss %.4f -> %.4f, %.2f s",
             stats.examples, stats.steps, stats.first_loss, stats.last_loss, stats.seconds,
         )
         return stats
+
+    def example_gradients(
+        self, prompts: Sequence[str], responses: Sequence[str], *, chunk: int = 64
+    ) -> Iterator[np.ndarray]:
+        """Each example's gradient of its own loss (mean over its response tokens) at the current adapter,
+        flattened in `adapter_parameters()` order; yielded in chunks of rows (float32, (rows, P)).
+
+        One forward and backward pass per example, no optimiser step: the adapter is left as it was.
+        """
+        base, name = self._ensure()
+        seqs, plens, _ = self.encode_examples(prompts, responses)
+        device = base.spec.device
+        with base.lock:
+            params = [p for n, p in base.peft.named_parameters() if f".{name}." in n]
+            for p in params:
+                p.requires_grad_(True)
+            model = base.peft
+            model.eval()  # no dropout: the gradient of the loss as the adapter computes it
+            rows: list[np.ndarray] = []
+            try:
+                for i, seq in enumerate(seqs):
+                    ids = torch.tensor([seq], dtype=torch.long, device=device)
+                    labels = ids.clone()
+                    labels[0, : plens[i]] = -100
+                    logits = model(input_ids=ids).logits
+                    tgt = labels[:, 1:]
+                    mask = tgt != -100
+                    loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), tgt[mask])
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    rows.append(torch.cat([
+                        (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu()
+                        for g, p in zip(grads, params, strict=True)]).numpy())
+                    if len(rows) == chunk:
+                        yield np.stack(rows)
+                        rows = []
+                if rows:
+                    yield np.stack(rows)
+            finally:
+                for p in params:
+                    p.grad = None
 
     # -- evaluation views ------------------------------------------------------------------------------
 
