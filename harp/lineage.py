@@ -147,6 +147,46 @@ SCHEMAS: dict[str, pl.Schema] = {
             "committed_at": UTC_US,
         }
     ),
+    # The greedy's ranking behind one HARP selection, one row per ranked leaf in greedy order, past the cut too.
+    "selection_traces": pl.Schema(
+        {
+            "selection_id": pl.String,
+            "method": pl.String,
+            "greedy_rank": pl.Int32,
+            "leaf_id": pl.String,
+            "parent_id": pl.String,
+            "gain": pl.Float64,
+            "running_gain": pl.Float64,
+            "before_cut": pl.Boolean,
+            "examples_selected": pl.Int32,
+            "leaf_size": pl.Int32,
+            "cut": pl.Int32,
+            "stop_reason": pl.String,
+            "created_at": UTC_US,
+            "run_id": pl.String,
+        }
+    ),
+    # What one HARP selection predicts per domain, with its credible band; written for an empty selection too,
+    # with the note that says why it is empty.
+    "selection_predictions": pl.Schema(
+        {
+            "selection_id": pl.String,
+            "method": pl.String,
+            "domain": pl.String,
+            "base": pl.Float64,
+            "predicted": pl.Float64,
+            "predicted_low": pl.Float64,
+            "predicted_high": pl.Float64,
+            "level": pl.Float64,
+            "unclipped": pl.Float64,
+            "saturated": pl.Boolean,
+            "active_domain": pl.Boolean,
+            "selected": pl.Int32,
+            "note": pl.String,
+            "created_at": UTC_US,
+            "run_id": pl.String,
+        }
+    ),
     "run_manifests": pl.Schema(
         {
             "run_id": pl.String,
@@ -209,6 +249,8 @@ TABLE_KINDS: dict[str, str] = {
     "selections": "history",
     "run_manifests": "history",
     "selection_commits": "history",
+    "selection_traces": "history",
+    "selection_predictions": "history",
     "active_rounds": "history",
     "validation_results": "history",
 }
@@ -220,6 +262,8 @@ KEY_COLUMNS: dict[str, str] = {
     "selections": "selection_id",
     "run_manifests": "run_id",
     "selection_commits": "run_id",
+    "selection_traces": "selection_id",
+    "selection_predictions": "selection_id",
     "active_rounds": "round_id",
     "validation_results": "validation_id",
 }
@@ -242,6 +286,9 @@ NULLABLE: dict[str, frozenset[str]] = {
     # trained_since is null on the first manifest (train_eval_runs then counts every stored measurement).
     "run_manifests": frozenset({"active_rounds", "active_leaves", "leaves_stored", "trained_since"}),
     "selection_commits": frozenset(),
+    "selection_traces": frozenset({"run_id"}),
+    # The note is null when the selection is not empty or degenerate.
+    "selection_predictions": frozenset({"note", "run_id"}),
     "active_rounds": frozenset({"run_id"}),
     # Without a ground-truth file the harmful/redundant shares are unknown; the full pool has no selection.
     "validation_results": frozenset({"harmful_share", "redundant_share", "selection_id", "run_id"}),
@@ -258,6 +305,8 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "selections": ("selection_id", "example_id"),
     "run_manifests": ("run_id",),
     "selection_commits": ("run_id",),
+    "selection_traces": ("selection_id", "greedy_rank"),
+    "selection_predictions": ("selection_id", "domain"),
     "active_rounds": ("round_id", "leaf_id"),
     "validation_results": ("validation_id", "method", "domain"),
 }
@@ -315,27 +364,29 @@ LEFT JOIN u ON u.leaf_id = l.leaf_id
 LEFT JOIN p ON p.leaf_id = l.leaf_id
 ORDER BY l.region_id, l.parent_id, l.leaf_id
 """.strip(),
-    # Parameter: $method. Examples added and removed between its two newest selections (with only one
-    # selection, everything counts as added).
+    # Parameter: $method. Every example of its newest or previous committed selection: added, removed or kept
+    # (the `selection_diff` view, for one method).
     "selection_diff": """
-WITH runs AS (
-    SELECT selection_id, max(created_at) AS created_at
-    FROM selections WHERE method = $method GROUP BY selection_id
-), ranked AS (
-    SELECT selection_id, row_number() OVER (ORDER BY created_at DESC, selection_id DESC) AS k FROM runs
-), newer AS (
-    SELECT s.* FROM selections AS s JOIN ranked AS r ON r.selection_id = s.selection_id AND r.k = 1
-), older AS (
-    SELECT s.* FROM selections AS s JOIN ranked AS r ON r.selection_id = s.selection_id AND r.k = 2
-)
-SELECT 'added' AS change, n.example_id, n.leaf_id, n.rank,
-       n.selection_id AS newer_selection_id, (SELECT selection_id FROM ranked WHERE k = 2) AS older_selection_id
-FROM newer AS n WHERE NOT EXISTS (SELECT 1 FROM older AS o WHERE o.example_id = n.example_id)
-UNION ALL
-SELECT 'removed' AS change, o.example_id, o.leaf_id, o.rank,
-       (SELECT selection_id FROM ranked WHERE k = 1) AS newer_selection_id, o.selection_id AS older_selection_id
-FROM older AS o WHERE NOT EXISTS (SELECT 1 FROM newer AS n WHERE n.example_id = o.example_id)
+SELECT change, example_id, leaf_id, region_id, newer_rank, older_rank, newer_selection_id, older_selection_id
+FROM selection_diff WHERE method = $method
 ORDER BY change, example_id
+""".strip(),
+    # Parameters: $older, $newer (two selection ids, any methods). Every example of either: added, removed, kept.
+    "selection_diff_between": """
+WITH n AS (SELECT * FROM selections WHERE selection_id = $newer),
+o AS (SELECT * FROM selections WHERE selection_id = $older)
+SELECT CASE WHEN o.example_id IS NULL THEN 'added' WHEN n.example_id IS NULL THEN 'removed' ELSE 'kept' END
+           AS change,
+       coalesce(n.example_id, o.example_id) AS example_id, coalesce(n.leaf_id, o.leaf_id) AS leaf_id,
+       n.rank AS newer_rank, o.rank AS older_rank
+FROM n FULL OUTER JOIN o ON n.example_id = o.example_id
+ORDER BY change, example_id
+""".strip(),
+    # Parameter: $method. The leaves its newest HARP selection ranked but did not take (after the best-prefix cut).
+    "after_the_cut": """
+SELECT greedy_rank, leaf_id, region_id, leaf_source, gain, running_gain, cut, stop_reason
+FROM selection_leaves WHERE method = $method AND NOT before_cut
+ORDER BY greedy_rank
 """.strip(),
 }
 
@@ -394,26 +445,136 @@ JOIN (
     QUALIFY row_number() OVER (PARTITION BY method ORDER BY created_at DESC, selection_id DESC) = 1
 ) AS latest ON latest.method = s.method AND latest.selection_id = s.selection_id
 """.strip(),
-    # Why each example of each method's newest selection is there: one row per (example, domain) with its
-    # leaf, parent and region, the leaf's per-domain posterior (measured or inferred), the example's rank and
-    # marginal gain, and the leaf's greedy rank (the order in which the selection first took its leaves).
+    # Every selection, empty ones included (a HARP selection that picks nothing still writes its predictions),
+    # with its size and whether its run committed (as in `selection_runs`).
+    "selection_versions": """
+WITH ids AS (
+    SELECT selection_id, method, created_at, run_id FROM selections
+    UNION ALL
+    SELECT selection_id, method, created_at, run_id FROM selection_predictions
+), v AS (
+    SELECT selection_id, any_value(method) AS method, min(created_at) AS created_at, any_value(run_id) AS run_id
+    FROM ids GROUP BY selection_id
+)
+SELECT v.selection_id, v.method, v.created_at, v.run_id, coalesce(n.n_examples, 0) AS n_examples,
+       v.run_id IS NULL OR v.run_id IN (SELECT run_id FROM run_manifests)
+           OR v.run_id IN (SELECT run_id FROM selection_commits) AS committed
+FROM v LEFT JOIN (SELECT selection_id, count(*) AS n_examples FROM selections GROUP BY selection_id) AS n
+    ON n.selection_id = v.selection_id
+""".strip(),
+    # One row per method: its newest committed selection (empty ones count) and the committed one before it
+    # (null when there is none).
+    "selection_pairs": """
+SELECT method, newer_selection_id, older_selection_id FROM (
+    SELECT method, selection_id AS newer_selection_id,
+           lead(selection_id) OVER w AS older_selection_id, row_number() OVER w AS k
+    FROM selection_versions WHERE committed
+    WINDOW w AS (PARTITION BY method ORDER BY created_at DESC, selection_id DESC)
+) WHERE k = 1
+""".strip(),
+    # The greedy's ranking behind each method's newest HARP selection: one row per ranked leaf, in greedy order,
+    # the leaves past the cut included, with whether the leaf was measured or inferred.
+    "selection_leaves": """
+WITH src AS (SELECT leaf_id, bool_or(measured) AS measured FROM phi_posteriors GROUP BY leaf_id)
+SELECT t.method, t.selection_id, t.greedy_rank, t.leaf_id, t.parent_id, l.region_id, l.is_representative,
+       CASE WHEN src.measured THEN 'measured' WHEN src.measured IS NULL THEN NULL ELSE 'inferred' END
+           AS leaf_source,
+       t.gain, t.running_gain, t.before_cut, t.cut, t.examples_selected, t.leaf_size, t.stop_reason
+FROM selection_traces AS t
+JOIN selection_pairs AS p ON p.newer_selection_id = t.selection_id
+LEFT JOIN leaves AS l ON l.leaf_id = t.leaf_id
+LEFT JOIN src ON src.leaf_id = t.leaf_id
+ORDER BY t.method, t.greedy_rank
+""".strip(),
+    # Why each example of each method's newest committed selection is there: one row per (example, domain) with
+    # example -> leaf -> parent -> region, the leaf's per-domain posterior mean and sd (measured or inferred),
+    # the leaf's greedy rank, step gain and running gain, whether it fell before the cut, and what the
+    # selection predicts on the domain with its band. A baseline has no greedy trace: its leaf rank is the
+    # order in which it first took its leaves, and before_cut is null.
     "selection_explanations": """
-WITH by_leaf AS (
+WITH newest AS (
+    SELECT s.* FROM selections AS s JOIN selection_pairs AS p ON p.newer_selection_id = s.selection_id
+), by_leaf AS (
     SELECT selection_id, leaf_id, min(rank) AS first_rank, count(*) AS leaf_examples_selected
-    FROM latest_selections GROUP BY selection_id, leaf_id
+    FROM newest GROUP BY selection_id, leaf_id
 ), ranked AS (
-    SELECT *, dense_rank() OVER (PARTITION BY selection_id ORDER BY first_rank) AS leaf_greedy_rank FROM by_leaf
+    SELECT *, dense_rank() OVER (PARTITION BY selection_id ORDER BY first_rank) AS taken_rank FROM by_leaf
 )
 SELECT s.method, s.selection_id, s.rank, s.example_id, s.leaf_id, s.parent_id, l.region_id,
-       l.is_representative, r.leaf_greedy_rank, r.leaf_examples_selected, s.gain AS marginal_gain,
+       l.is_representative, coalesce(t.greedy_rank, r.taken_rank) AS leaf_greedy_rank,
+       r.leaf_examples_selected, coalesce(t.gain, s.gain) AS marginal_gain, t.running_gain, t.before_cut, t.cut,
        p.domain, p.mean AS phi_mean, p.sd AS phi_sd,
        CASE WHEN p.measured THEN 'measured' WHEN p.measured IS NULL THEN NULL ELSE 'inferred' END AS phi_source,
-       p.active_domain
-FROM latest_selections AS s
+       p.active_domain, y.predicted AS predicted_utility, y.predicted_low, y.predicted_high, y.saturated
+FROM newest AS s
 LEFT JOIN leaves AS l ON l.leaf_id = s.leaf_id
 LEFT JOIN ranked AS r ON r.selection_id = s.selection_id AND r.leaf_id = s.leaf_id
+LEFT JOIN selection_traces AS t ON t.selection_id = s.selection_id AND t.leaf_id = s.leaf_id
 LEFT JOIN phi_posteriors AS p ON p.leaf_id = s.leaf_id
+LEFT JOIN selection_predictions AS y ON y.selection_id = s.selection_id AND y.domain = p.domain
 ORDER BY s.method, s.rank, p.domain
+""".strip(),
+    # Each method's newest committed selection against the committed one before it: one row per example of
+    # either, added, removed or kept (with no earlier selection everything is added).
+    "selection_diff": """
+WITH n AS (
+    SELECT s.* FROM selections AS s JOIN selection_pairs AS p ON p.newer_selection_id = s.selection_id
+), o AS (
+    SELECT s.* FROM selections AS s JOIN selection_pairs AS p ON p.older_selection_id = s.selection_id
+), j AS (
+    SELECT coalesce(n.method, o.method) AS method,
+           CASE WHEN o.example_id IS NULL THEN 'added' WHEN n.example_id IS NULL THEN 'removed' ELSE 'kept' END
+               AS change,
+           coalesce(n.example_id, o.example_id) AS example_id, coalesce(n.leaf_id, o.leaf_id) AS leaf_id,
+           coalesce(n.parent_id, o.parent_id) AS parent_id, n.rank AS newer_rank, o.rank AS older_rank
+    FROM n FULL OUTER JOIN o ON n.method = o.method AND n.example_id = o.example_id
+)
+SELECT j.method, j.change, j.example_id, j.leaf_id, j.parent_id, l.region_id, j.newer_rank, j.older_rank,
+       p.newer_selection_id, p.older_selection_id
+FROM j JOIN selection_pairs AS p ON p.method = j.method
+LEFT JOIN leaves AS l ON l.leaf_id = j.leaf_id
+""".strip(),
+    # The same by leaf: examples before and after, added, removed and kept, and the leaf's own change.
+    "selection_diff_by_leaf": """
+WITH c AS (
+    SELECT method, newer_selection_id, older_selection_id, leaf_id, any_value(parent_id) AS parent_id,
+           any_value(region_id) AS region_id,
+           count(*) FILTER (WHERE change <> 'added') AS examples_before,
+           count(*) FILTER (WHERE change <> 'removed') AS examples_after,
+           count(*) FILTER (WHERE change = 'added') AS examples_added,
+           count(*) FILTER (WHERE change = 'removed') AS examples_removed,
+           count(*) FILTER (WHERE change = 'kept') AS examples_kept
+    FROM selection_diff GROUP BY method, newer_selection_id, older_selection_id, leaf_id
+)
+SELECT *, CASE WHEN examples_before = 0 THEN 'added' WHEN examples_after = 0 THEN 'removed' ELSE 'kept' END
+              AS change
+FROM c
+""".strip(),
+    # The same by domain: what each selection predicts on it (HARP only) and the change, the examples added
+    # and removed, and the mean posterior effect on the domain of their leaves (the current posteriors).
+    "selection_diff_by_domain": """
+WITH d AS (
+    SELECT domain FROM phi_posteriors UNION SELECT domain FROM selection_predictions
+), pd AS (
+    SELECT p.*, d.domain FROM selection_pairs AS p CROSS JOIN d
+), ch AS (
+    SELECT x.method, d.domain,
+           count(*) FILTER (WHERE x.change = 'added') AS examples_added,
+           count(*) FILTER (WHERE x.change = 'removed') AS examples_removed,
+           avg(ph.mean) FILTER (WHERE x.change = 'added') AS phi_mean_added,
+           avg(ph.mean) FILTER (WHERE x.change = 'removed') AS phi_mean_removed
+    FROM selection_diff AS x CROSS JOIN d
+    LEFT JOIN phi_posteriors AS ph ON ph.leaf_id = x.leaf_id AND ph.domain = d.domain
+    GROUP BY x.method, d.domain
+)
+SELECT pd.method, pd.domain, o.predicted AS predicted_before, n.predicted AS predicted_after,
+       n.predicted - o.predicted AS predicted_change, n.predicted_low, n.predicted_high, n.saturated,
+       coalesce(ch.examples_added, 0) AS examples_added, coalesce(ch.examples_removed, 0) AS examples_removed,
+       ch.phi_mean_added, ch.phi_mean_removed, pd.newer_selection_id, pd.older_selection_id
+FROM pd
+LEFT JOIN selection_predictions AS n ON n.selection_id = pd.newer_selection_id AND n.domain = pd.domain
+LEFT JOIN selection_predictions AS o ON o.selection_id = pd.older_selection_id AND o.domain = pd.domain
+LEFT JOIN ch ON ch.method = pd.method AND ch.domain = pd.domain
 """.strip(),
 }
 

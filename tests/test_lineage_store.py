@@ -518,10 +518,17 @@ def test_which_leaves_were_measured(populated: LineageStore) -> None:
 
 
 def test_what_changed_between_the_last_two_selections(populated: LineageStore) -> None:
+    # SID1 took e1, e3, e2 (ranks 0-2); SID2 took e1, e4, e3.
     got = populated.query(EXAMPLE_QUERIES["selection_diff"], {"method": "harp_c"})
-    assert got.rows() == [("added", "e4", "L3", 1, SID2, SID1), ("removed", "e2", "L1", 2, SID2, SID1)]
+    assert got.rows() == [("added", "e4", "L3", "R1", 1, None, SID2, SID1),
+                          ("kept", "e1", "L1", "R1", 0, 0, SID2, SID1), ("kept", "e3", "L2", "R1", 2, 1, SID2, SID1),
+                          ("removed", "e2", "L1", "R1", None, 2, SID2, SID1)]
     got = populated.query(EXAMPLE_QUERIES["selection_diff"], {"method": "random"})
-    assert got.rows() == [("added", "e1", "L1", 1, RID, None), ("added", "e5", "L3", 0, RID, None)]
+    assert got.rows() == [("added", "e1", "L1", "R1", 1, None, RID, None),
+                          ("added", "e5", "L3", "R1", 0, None, RID, None)]
+    got = populated.query(EXAMPLE_QUERIES["selection_diff_between"], {"older": SID2, "newer": RID})
+    assert got.rows() == [("added", "e5", "L3", 0, None), ("kept", "e1", "L1", 1, 0),
+                          ("removed", "e3", "L2", None, 2), ("removed", "e4", "L3", None, 1)]
 
 
 def test_latest_selections_view(populated: LineageStore) -> None:

@@ -30,10 +30,14 @@ __all__ = [
     "ENVELOPES",
     "GREEDY_KERNELS",
     "GreedyResult",
+    "RISKS",
     "active_domains",
     "envelope_objective",
     "envelope_values",
+    "expected_clip01",
+    "greedy_risk_aware",
     "greedy_taskaware",
+    "risk_envelope_values",
     "validate_envelope",
 ]
 
@@ -120,8 +124,8 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def envelope_values(phi: Any, base: Any, weights: Any, envelope: str) -> np.ndarray:
-    """Predicted ``y_d`` (all domains) for leaf weights in [0, 1].
+def envelope_values(phi: Any, base: Any, weights: Any, envelope: str, *, clip: bool = True) -> np.ndarray:
+    """Predicted ``y_d`` (all domains) for leaf weights in [0, 1]; ``clip=False`` gives the value before clip01.
 
     With 0/1 weights this is exactly the envelope of the set of weight-1 leaves. Fractional weights scale
     a leaf's effect by the share of it that is used (``max_g w_g phi+`` for HARP-C, ``sum_g w_g phi`` for
@@ -138,10 +142,10 @@ def envelope_values(phi: Any, base: Any, weights: Any, envelope: str) -> np.ndar
     used = w > 0
     wphi = phi[used] * w[used, None]
     if envelope == "expansive":
-        return np.clip(b + wphi.sum(axis=0), 0.0, 1.0)
-    best_pos = np.maximum(wphi, 0.0).max(axis=0, initial=0.0)
-    harm = np.maximum(-wphi, 0.0).sum(axis=0)
-    return np.clip(b + best_pos - harm, 0.0, 1.0)
+        raw = b + wphi.sum(axis=0)
+    else:
+        raw = b + np.maximum(wphi, 0.0).max(axis=0, initial=0.0) - np.maximum(-wphi, 0.0).sum(axis=0)
+    return np.clip(raw, 0.0, 1.0) if clip else raw
 
 
 def envelope_objective(
@@ -437,3 +441,207 @@ def _rank_numpy(
             rem_stat, pos_count = bound_stats()
 
     return order[:k].copy(), gains_out[:k].copy(), stop, rows_scanned
+
+
+# --------------------------------------------------------------------------------------------------------
+# Option: risk-aware envelopes (the posterior expectation or a lower quantile instead of plug-in means)
+# --------------------------------------------------------------------------------------------------------
+
+RISKS: tuple[str, ...] = ("plugin", "expected", "lcb")
+
+
+def _norm_cdf(x: Any) -> np.ndarray:
+    """Standard normal CDF through ``math.erfc`` on the unique values (double precision, no scipy)."""
+    from math import erfc, sqrt
+
+    x = np.asarray(x, dtype=np.float64)
+    flat = x.ravel()
+    uniq, inv = np.unique(flat, return_inverse=True)
+    vals = np.fromiter((0.5 * erfc(-u / sqrt(2.0)) for u in uniq.tolist()), dtype=np.float64, count=uniq.size)
+    return vals[inv].reshape(x.shape)
+
+
+def expected_clip01(m: Any, v: Any) -> np.ndarray:
+    """``E[clip01(X)]`` for ``X ~ N(m, v)``, elementwise; ``v = 0`` gives ``clip01(m)``.
+
+    ``E[X 1{0<X<1}] + P(X > 1) = m (Phi(b) - Phi(a)) + s (phi(a) - phi(b)) + 1 - Phi(b)`` with
+    ``a = -m/s``, ``b = (1-m)/s``.
+    """
+    m = np.asarray(m, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    s = np.sqrt(np.maximum(v, 0.0))
+    pos = s > 0
+    ss = np.where(pos, s, 1.0)
+    a, b = -m / ss, (1.0 - m) / ss
+    Pa, Pb = _norm_cdf(a), _norm_cdf(b)
+    pdf_a = np.exp(-0.5 * a * a) / np.sqrt(2.0 * np.pi)
+    pdf_b = np.exp(-0.5 * b * b) / np.sqrt(2.0 * np.pi)
+    e = m * (Pb - Pa) + s * (pdf_a - pdf_b) + 1.0 - Pb
+    return np.where(pos, np.clip(e, 0.0, 1.0), np.clip(m, 0.0, 1.0))
+
+
+def _check_risk(risk: Any, kappa: Any) -> tuple[str, float]:
+    if not isinstance(risk, str) or risk not in RISKS:
+        raise ValueError(f"unknown risk {risk!r}; valid values are {', '.join(map(repr, RISKS))}")
+    if isinstance(kappa, bool) or not np.isfinite(kappa) or kappa < 0:
+        raise ValueError(f"risk_kappa must be a finite number >= 0, got {kappa!r}")
+    return risk, float(kappa)
+
+
+class _RiskObjective:
+    """Per-domain risk-aware envelope values of ``S`` and of every ``S + g``, from a running state.
+
+    HARP-E in closed form (leaves independent a posteriori): ``X_d = b_d + sum_{g in S} theta_gd`` is normal
+    with mean ``b_d + sum mean`` and variance ``sum sd^2``; ``expected`` is ``E[clip01(X_d)]`` and ``lcb``
+    ``clip01(mean - kappa sd)``, the ``Phi(-kappa)`` quantile of ``clip01(X_d)``. HARP-C from ``samples``
+    seeded posterior draws of every leaf: ``expected`` is the mean of ``y_d`` over draws, ``lcb`` its
+    ``Phi(-kappa)`` quantile.
+    """
+
+    def __init__(self, mean: np.ndarray, sd: np.ndarray, b: np.ndarray, conservative: bool, risk: str,
+                 kappa: float, samples: int, seed: int) -> None:
+        self.mean, self.sd, self.b, self.conservative = mean, sd, b, conservative
+        self.expected, self.kappa = risk == "expected", kappa
+        self.q = float(_norm_cdf(np.array(-kappa)))
+        if conservative:
+            rng = np.random.default_rng(seed)
+            self.theta = mean[None] + sd[None] * rng.standard_normal((samples, *mean.shape))  # (S, G, D)
+            self.best = np.zeros((samples, mean.shape[1]))
+            self.harm = np.zeros((samples, mean.shape[1]))
+        else:
+            self.m = b.copy()
+            self.v = np.zeros_like(b)
+
+    def _reduce(self, y: np.ndarray) -> np.ndarray:  # y (S, ...) -> (...)
+        return y.mean(axis=0) if self.expected else np.quantile(y, self.q, axis=0)
+
+    def _e_value(self, m: np.ndarray, v: np.ndarray) -> np.ndarray:
+        if self.expected:
+            return expected_clip01(m, v)
+        return np.clip(m - self.kappa * np.sqrt(v), 0.0, 1.0)
+
+    def current(self) -> np.ndarray:
+        if self.conservative:
+            return self._reduce(np.clip(self.b + self.best - self.harm, 0.0, 1.0))
+        return self._e_value(self.m, self.v)
+
+    def with_each(self, cand: np.ndarray) -> np.ndarray:
+        """(len(cand), D): y of S + g for each candidate leaf g."""
+        if self.conservative:
+            th = self.theta[:, cand]  # (S, C, D)
+            y = self.b + np.maximum(self.best[:, None], th) - (self.harm[:, None] + np.maximum(-th, 0.0))
+            return self._reduce(np.clip(y, 0.0, 1.0))
+        return self._e_value(self.m + self.mean[cand], self.v + self.sd[cand] ** 2)
+
+    def add(self, g: int) -> None:
+        if self.conservative:
+            th = self.theta[:, g]
+            np.maximum(self.best, th, out=self.best)
+            self.harm += np.maximum(-th, 0.0)
+        else:
+            self.m = self.m + self.mean[g]
+            self.v = self.v + self.sd[g] ** 2
+
+
+def risk_envelope_values(
+    mean: Any, sd: Any, base: Any, subset: Any, envelope: str, *, risk: str, risk_kappa: float = 1.0,
+    risk_samples: int = 64, seed: int = 0,
+) -> np.ndarray:
+    """Risk-aware ``y_d`` (all domains) of a set of whole leaves, as ``greedy_risk_aware`` scores it."""
+    envelope = validate_envelope(envelope)
+    risk, kappa = _check_risk(risk, risk_kappa)
+    mu = _as_phi(mean, "mean")
+    s = _as_phi(sd, "sd")
+    b = _as_base(base, mu.shape[1])
+    if risk == "plugin":
+        return envelope_objective(mu, b, subset, envelope)[1]
+    obj = _RiskObjective(mu, s, b, envelope == "conservative", risk, kappa, int(risk_samples), int(seed))
+    for g in as_leaf_ids(subset, mu.shape[0]).tolist():
+        obj.add(g)
+    return obj.current()
+
+
+def greedy_risk_aware(
+    mean: Any,
+    sd: Any,
+    base: Any,
+    envelope: str,
+    *,
+    risk: str,
+    risk_kappa: float = 1.0,
+    risk_samples: int = 64,
+    seed: int = 0,
+    active: Any = None,
+    max_steps: int | None = None,
+    leaf_sizes: Any = None,
+    budget_points: int | None = None,
+) -> GreedyResult:
+    """``greedy_taskaware`` with a risk-aware objective: ``F`` sums, over active domains, ``E[y_d]``
+    (``risk="expected"``) or its ``Phi(-kappa)`` lower quantile (``"lcb"``) under the posterior, instead of
+    ``y_d`` of the posterior means. ``risk="plugin"`` is ``greedy_taskaware`` itself.
+
+    Near the clip a plug-in mean overstates what an uncertain effect adds (the mean crosses 1 while half the
+    posterior does not), so at equal means the leaf with the smaller sd gains more. Same ranking rules (ties
+    to the lowest leaf id, best-prefix cut, budget stop) without the early-stop bound; numpy only.
+    """
+    risk, kappa = _check_risk(risk, risk_kappa)
+    mu = _as_phi(mean, "mean")
+    s = _as_phi(sd, "sd")
+    if s.shape != mu.shape or (s < 0).any():
+        raise ValueError(f"sd must be >= 0 with the shape of mean {mu.shape}, got {s.shape}")
+    if risk == "plugin":
+        return greedy_taskaware(mu, base, envelope, active=active, max_steps=max_steps, leaf_sizes=leaf_sizes,
+                                budget_points=budget_points)
+    envelope = validate_envelope(envelope)
+    G, D = mu.shape
+    b = _as_base(base, D)
+    act = _as_active(active, D)
+    samples = check_int(risk_samples, "risk_samples", minimum=2)
+    limit = G if max_steps is None else min(G, check_int(max_steps, "max_steps", minimum=0))
+    sizes = None if leaf_sizes is None else np.asarray(leaf_sizes, dtype=np.int64)
+    if sizes is not None and sizes.shape != (G,):
+        raise ValueError(f"leaf_sizes must have shape ({G},), got {sizes.shape}")
+    budget = None if budget_points is None else check_int(budget_points, "budget_points", minimum=0)
+    if budget is not None and sizes is None:
+        raise ValueError("budget_points needs leaf_sizes (the number of examples in each leaf)")
+    obj = _RiskObjective(mu, s, b, envelope == "conservative", risk, kappa, samples, int(seed))
+    empty_y = obj.current()
+    y = empty_y
+    remaining = np.arange(G, dtype=np.int64)
+    order, gains = [], []
+    taken, stop, scanned = 0, STOP_COMPLETE, 0
+    while True:
+        if remaining.size == 0:
+            stop = STOP_COMPLETE
+            break
+        if len(order) >= limit:
+            stop = STOP_MAX_STEPS
+            break
+        if budget is not None and taken >= budget:
+            stop = STOP_BUDGET
+            break
+        f_now = y[act].sum()
+        cand_y = obj.with_each(remaining)
+        gain = cand_y[:, act].sum(axis=1) - f_now
+        scanned += remaining.size
+        j = int(np.argmax(gain))  # first maximum: the lowest leaf id among ties
+        g = int(remaining[j])
+        order.append(g)
+        gains.append(float(gain[j]))
+        obj.add(g)
+        y = obj.current()
+        if sizes is not None:
+            taken += int(sizes[g])
+        remaining = np.delete(remaining, j)
+    order_arr = np.asarray(order, dtype=np.int64)
+    gains_arr = np.asarray(gains, dtype=np.float64)
+    running = np.cumsum(gains_arr)
+    cut = _best_prefix(running)
+    predicted = risk_envelope_values(mu, s, b, order_arr[:cut], envelope, risk=risk, risk_kappa=kappa,
+                                     risk_samples=samples, seed=seed)
+    return GreedyResult(
+        order=_readonly(order_arr), gains=_readonly(gains_arr), running=_readonly(running), cut=cut,
+        empty_prefix_best=cut == 0, predicted=_readonly(predicted), objective=float(predicted[act].sum()),
+        empty_objective=float(empty_y[act].sum()), envelope=envelope, active=_readonly(act), stop_reason=stop,
+        n_leaves=G, rows_scanned=scanned,
+    )

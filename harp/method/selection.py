@@ -9,6 +9,7 @@ maps them to ``example_id``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ from harp.method.envelopes import (
     active_domains,
     as_leaf_ids,
     envelope_values,
+    greedy_risk_aware,
     greedy_taskaware,
     validate_envelope,
 )
@@ -25,10 +27,12 @@ from harp.validate import check_int
 
 __all__ = [
     "HarpSelection",
+    "PredictionBand",
     "cap_to_budget",
     "harp_select",
     "leaf_of_rows",
     "predicted_utility",
+    "prediction_band",
     "random_selection",
     "without_rows",
 ]
@@ -164,13 +168,62 @@ def predicted_utility(
     return float(y[act].sum()), y, weights
 
 
+# A domain whose envelope value before the clip reaches this is reported as saturated: y_d = 1 is the clip.
+SATURATION = 1.0 - 1e-9
+
+
+@dataclass(frozen=True)
+class PredictionBand:
+    """Predicted ``y_d`` per domain with a credible band, and whether the clip at 1 decided it.
+
+    ``low``/``high`` are the envelope with every used leaf's effect at its lower/upper posterior quantile
+    (``mean -/+ z * sd``) together. Both envelopes rise with every effect, so this is the band of ``y_d`` when
+    the leaves' errors are fully correlated: the widest case, the honest one when only the posterior marginals
+    are known (leaves under one parent share its error). ``unclipped`` is ``y_d`` before ``clip01``;
+    ``saturated`` marks domains where it reaches 1: there a predicted 1.0 is the clip, not 100% accuracy.
+    """
+
+    predicted: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    unclipped: np.ndarray
+    saturated: np.ndarray
+    level: float
+
+
+def prediction_band(
+    phi_mean: Any, phi_sd: Any, base: Any, weights: Any, *, envelope: str, level: float = 0.9
+) -> PredictionBand:
+    """The envelope's ``y_d`` for leaf ``weights`` with its central ``level`` credible band (see PredictionBand)."""
+    if isinstance(level, bool) or not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    mean = np.asarray(phi_mean, dtype=np.float64)
+    sd = np.asarray(phi_sd, dtype=np.float64)
+    if sd.shape != mean.shape:
+        raise ValueError(f"phi_sd shape {sd.shape} differs from phi_mean shape {mean.shape}")
+    if (sd < 0).any() or not np.isfinite(sd).all():
+        raise ValueError("phi_sd must be finite and >= 0")
+    z = NormalDist().inv_cdf(0.5 + float(level) / 2.0)
+    y = envelope_values(mean, base, weights, envelope)
+    raw = envelope_values(mean, base, weights, envelope, clip=False)
+    return PredictionBand(
+        predicted=y,
+        low=envelope_values(mean - z * sd, base, weights, envelope),
+        high=envelope_values(mean + z * sd, base, weights, envelope),
+        unclipped=raw,
+        saturated=raw >= SATURATION,
+        level=float(level),
+    )
+
+
 @dataclass(frozen=True)
 class HarpSelection:
     """One envelope's selection: pool rows in selection order and the diagnostics behind them.
 
     ``row_gain[i]`` is the greedy step gain of the leaf row ``i`` came from. ``predicted`` is ``y_d`` of the
     kept leaves (whole), ``predicted_rows`` that of the rows actually selected (a leaf cut by the budget
-    weighted by its selected share). ``note`` explains an empty or degenerate selection (``None`` otherwise).
+    weighted by its selected share), ``band`` the same with its credible band and saturated domains. ``note``
+    explains an empty or degenerate selection (``None`` otherwise).
     """
 
     envelope: str
@@ -184,6 +237,7 @@ class HarpSelection:
     predicted_rows: np.ndarray
     top_k_points: int | None
     note: str | None
+    band: PredictionBand
 
     @property
     def n_selected(self) -> int:
@@ -201,12 +255,17 @@ def harp_select(
     top_k_points: int | None,
     z_active: float = 1.0,
     early_stop: bool = True,
+    risk: str = "plugin",
+    risk_kappa: float = 1.0,
+    risk_samples: int = 64,
+    risk_seed: int = 0,
 ) -> HarpSelection:
     """Active domains, greedy ranking with best-prefix cut, then the point cap.
 
     The ranking is told the leaf sizes and the budget, so it stops once the ranked leaves hold
     ``top_k_points`` rows; the cut is then the best prefix among the ranked ones (see
     ``greedy_taskaware``) and the cap takes the first ``top_k_points`` rows of the kept leaves.
+    ``risk`` other than ``"plugin"`` ranks with the risk-aware objective (``greedy_risk_aware``).
     """
     envelope = validate_envelope(envelope)
     budget = _as_budget(top_k_points)
@@ -224,7 +283,9 @@ def harp_select(
         leaf_sizes=np.diff(offsets),
         budget_points=budget,
         early_stop=early_stop,
-    )
+    ) if risk == "plugin" else greedy_risk_aware(
+        mean, phi_sd, base, envelope, risk=risk, risk_kappa=risk_kappa, risk_samples=risk_samples, seed=risk_seed,
+        active=active, leaf_sizes=np.diff(offsets), budget_points=budget)
     rows, leaf_of_row, rank = cap_to_budget(greedy.kept, order, offsets, budget)
     notes = []
     if not active.any():
@@ -232,12 +293,17 @@ def harp_select(
     if budget == 0:
         notes.append("top_k_points is 0: nothing is selected")
     elif greedy.empty_prefix_best:
+        first = (
+            f"; the best first leaf would change it by {float(greedy.gains[0]):+.4g}"
+            if greedy.gains.size else ""
+        )
         notes.append(
-            "the empty prefix is best: no ranked prefix raises the predicted objective above the base model's, "
+            f"the empty prefix is best: on the {int(active.sum())} credible domain(s) no ranked prefix raises the "
+            f"predicted objective above the base model's (every credible gain is <= 0{first}), "
             "so nothing is selected"
         )
     # What the capped rows themselves predict: the last kept leaf may be only partly inside the budget.
-    _, predicted_rows, _ = predicted_utility(
+    _, predicted_rows, weights = predicted_utility(
         rows, mean, base, order, offsets, envelope=envelope, active=active
     )
     return HarpSelection(
@@ -252,6 +318,7 @@ def harp_select(
         predicted_rows=predicted_rows,
         top_k_points=budget,
         note="; ".join(notes) if notes else None,
+        band=prediction_band(mean, phi_sd, base, weights, envelope=envelope),
     )
 
 
