@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 
 def dagster_home() -> Path:
@@ -22,6 +22,13 @@ def dagster_home() -> Path:
     if not path.is_absolute():
         raise RuntimeError(f"DAGSTER_HOME must be an absolute path, got {home!r}")
     return path
+
+
+# The method options (docs/method.md, "Method options"): each name's first value is the reference behaviour.
+POSTERIOR_PRIORS: tuple[str, ...] = ("tree", "kernel")
+REPRESENTATIVE_RULES: tuple[str, ...] = ("central", "central_farthest")
+ENVELOPE_RISKS: tuple[str, ...] = ("plugin", "expected", "lcb")
+ACTIVE_RULES: tuple[str, ...] = ("verify_upside", "thompson", "knowledge_gradient")
 
 
 class HarpSettings(BaseModel):
@@ -43,6 +50,23 @@ class HarpSettings(BaseModel):
     primary_envelope: str = Field(
         default="expansive",
         description="envelope the active round verifies and the exhaustive oracle selects with")
+    posterior_prior: str = Field(
+        default="tree", description="tree: the region/parent/leaf model; kernel: a cross-domain kernel prior over "
+        "leaf centroids, the tree model on its residual")
+    min_measured_regions: int = Field(
+        default=2, ge=2, description="measured regions needed before the region variance is fitted (else 0)")
+    representative_rule: str = Field(
+        default="central", description="central: the leaves closest to the parent centroid; central_farthest: "
+        "half the most central, half the farthest")
+    envelope_risk: str = Field(
+        default="plugin", description="plugin: envelopes of posterior means; expected: E[envelope]; lcb: its "
+        "lower quantile at risk_kappa sds")
+    risk_kappa: float = Field(default=1.0, ge=0, description="sds below the envelope's centre that lcb scores")
+    risk_samples: int = Field(default=64, ge=2, description="posterior samples of the HARP-C risk-aware envelope")
+    active_rule: str = Field(
+        default="verify_upside", description="verify_upside: the reference round; thompson / knowledge_gradient: "
+        "leaves whose measurement can change the selection")
+    active_samples: int = Field(default=32, ge=2, description="posterior samples of a Thompson active round")
     tsds_alpha: float = 0.5
     tsds_C: float = 5.0
     tsds_sigma: float = 0.75
@@ -56,13 +80,42 @@ class HarpSettings(BaseModel):
     contamination_cosine: float = Field(
         default=0.98, gt=0, le=1, description="embedding cosine at or above which an example is flagged")
 
+    @field_validator("posterior_prior", "representative_rule", "envelope_risk", "active_rule")
+    @classmethod
+    def _known_option(cls, value: str, info: ValidationInfo) -> str:
+        """An option outside its list fails at construction, naming the field and the valid values."""
+        valid = {"posterior_prior": POSTERIOR_PRIORS, "representative_rule": REPRESENTATIVE_RULES,
+                 "envelope_risk": ENVELOPE_RISKS, "active_rule": ACTIVE_RULES}[str(info.field_name)]
+        if value not in valid:
+            raise ValueError(f"{info.field_name}={value!r} is not one of {list(valid)}")
+        return value
+
     def hierarchy_config(self) -> dict:
-        return {
+        cfg = {
             "leaf_size": self.leaf_size,
             "leaves_per_parent": self.leaves_per_parent,
             "parents_per_region": self.parents_per_region,
             "n_representatives": self.n_representatives,
         }
+        if self.representative_rule != "central":  # the reference config stays exactly as it was
+            cfg["representative_rule"] = self.representative_rule
+        return cfg
+
+    def posterior_options(self) -> dict:
+        """Keywords of `stages.infer_posteriors` for these settings (empty: the reference model)."""
+        out: dict = {}
+        if self.posterior_prior != "tree":
+            out["prior"] = self.posterior_prior
+        if self.min_measured_regions != 2:
+            out["min_measured_regions"] = self.min_measured_regions
+        return out
+
+    def selection_options(self) -> dict:
+        """Keywords of `stages.select_harp` for these settings (empty: plug-in envelopes)."""
+        if self.envelope_risk == "plugin":
+            return {}
+        return {"risk": self.envelope_risk, "risk_kappa": self.risk_kappa, "risk_samples": self.risk_samples,
+                "risk_seed": self.seed}
 
     def tsds_params(self) -> dict:
         return {

@@ -32,6 +32,8 @@ from harp.method import (
     active_domains,
     choose_active_leaves,
 )
+from harp.method.active import choose_decision_leaves
+from harp.method.posteriors import fit_kernel_posteriors
 from harp.versions import base_scores_key
 
 # Envelope names of the two HARP selections, by method key.
@@ -66,10 +68,12 @@ def fit_posteriors(
     *,
     n_boot: int,
     seed: int,
+    options: Mapping[str, Any] | None = None,
 ) -> Fit:
     """Bootstrap main effects of the measured leaves, then empirical-Bayes posteriors of every leaf.
 
     `measurements`: leaf index -> `LeafMeasurement` or correctness aligned with the base evaluation.
+    `options`: the posterior model's options, `HarpSettings.posterior_options()` (none: the reference tree).
     """
     t0 = time.perf_counter()
     if not measurements:
@@ -77,11 +81,26 @@ def fit_posteriors(
     measured = np.array(sorted(measurements), dtype=np.int64)
     effects = stages.main_effects(measurements, base, domains, n_boot=n_boot, seed=seed)
     t1 = time.perf_counter()
-    post = stages.infer_posteriors(hierarchy, effects, measured)
+    post = posterior_fit(hierarchy, effects, measured, options)
     if not (np.isfinite(post.mean).all() and np.isfinite(post.sd).all()):
         raise ValueError("posteriors are not finite: check the leaf measurements")
     return Fit(effects=effects, posteriors=post, measured=measured, effects_seconds=t1 - t0,
                posterior_seconds=time.perf_counter() - t1)
+
+
+def posterior_fit(hierarchy: Any, effects: MainEffects, measured: Any,
+                  options: Mapping[str, Any] | None = None) -> Posteriors:
+    """The posteriors of every leaf from measured effects, with the model `options` name
+    (`prior`: "tree" or "kernel"; `min_measured_regions`)."""
+    opts = dict(options or {})
+    prior = opts.pop("prior", "tree")
+    if prior == "tree":
+        return stages.infer_posteriors(hierarchy, effects, measured, **opts)
+    if prior != "kernel":
+        raise ValueError(f"unknown posterior prior {prior!r}; valid priors are ['tree', 'kernel']")
+    phi, var, flags = effects.to_leaves(np.asarray(measured), hierarchy.n_leaves)
+    return fit_kernel_posteriors(phi, var, flags, hierarchy.parent_of_leaf, hierarchy.region_of_parent,
+                                 hierarchy.leaf_centroids, **opts)
 
 
 def select_envelopes(
@@ -93,12 +112,14 @@ def select_envelopes(
     z_active: float,
     methods: Sequence[str] = tuple(ENVELOPES),
     exclude_rows: Any = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, HarpSelection]:
     """The HARP selections (`harp_c`, `harp_e`) from one set of posteriors, under one point budget;
-    `exclude_rows` (pool rows the contamination guard flagged) are never selected."""
+    `exclude_rows` (pool rows the contamination guard flagged) are never selected; `options` are the
+    risk-aware envelope's, `HarpSettings.selection_options()` (none: plug-in means)."""
     return {
         m: stages.select_harp(post, base_scores, hierarchy, envelope=ENVELOPES[m], top_k_points=top_k_points,
-                              z_active=z_active, exclude_rows=exclude_rows)
+                              z_active=z_active, exclude_rows=exclude_rows, **dict(options or {}))
         for m in methods
     }
 
@@ -107,11 +128,20 @@ def plan_active_round(
     post: Posteriors, base_scores: Any, hierarchy: Hierarchy, settings: HarpSettings, *, runs: int | None = None
 ) -> ActiveRound:
     """The next round's leaf indices: unmeasured leaves the primary envelope's selection relies on first,
-    then those with the largest posterior sd times possible gain (`method.active`)."""
+    then those with the largest posterior sd times possible gain (`method.active`); with
+    `settings.active_rule` "thompson" or "knowledge_gradient", the leaves whose measurement can change the
+    selection (`method.active.decision_scores`, seeded by `settings.seed` and the number measured)."""
     n = settings.active_runs if runs is None else runs
     active = active_domains(post.mean, post.sd, z=settings.z_active)
+    if settings.active_rule != "verify_upside":
+        return choose_decision_leaves(
+            post.mean, post.sd, post.measured, n, np.asarray(base_scores, dtype=np.float64),
+            np.diff(np.asarray(hierarchy.leaf_offsets)), envelope=settings.primary_envelope,
+            top_k_points=settings.top_k_points, rule=settings.active_rule, active=active,
+            n_samples=settings.active_samples, seed=settings.seed + int(post.n_measured))
     current = stages.select_harp(post, base_scores, hierarchy, envelope=settings.primary_envelope,
-                                 top_k_points=settings.top_k_points, z_active=settings.z_active)
+                                 top_k_points=settings.top_k_points, z_active=settings.z_active,
+                                 **settings.selection_options())
     selected = np.unique(np.asarray(current.leaf_of_row, dtype=np.int64))
     return choose_active_leaves(post.mean, post.sd, post.measured, n, active, z=settings.active_z, selected=selected)
 

@@ -88,6 +88,7 @@ HIERARCHY_KEYS: tuple[str, ...] = (
     "min_leaf_size",
     "niter",
     "use_gpu",
+    "representative_rule",
 )
 
 
@@ -489,12 +490,14 @@ def select_harp(
     top_k_points: int | None,
     z_active: float = 1.0,
     exclude_rows: Any = None,
+    **risk: Any,
 ) -> HarpSelection:
     """One envelope's ranking, best-prefix cut and point cap over the hierarchy's leaves.
 
     `exclude_rows` (pool rows, e.g. the contamination guard's) are never selected: the ranking and the cap run
     over the remaining rows, and a leaf left with none counts as having no effect (phi = 0), so the greedy
-    never spends a step on it. `example_rows` are pool rows either way.
+    never spends a step on it. `example_rows` are pool rows either way. `risk` holds the risk-aware envelope
+    options of `harp_select` (`HarpSettings.selection_options()`; none: plug-in means).
     """
     b = np.asarray(base_scores, dtype=np.float64)
     if post.mean.shape[0] != hierarchy.n_leaves:
@@ -511,7 +514,7 @@ def select_harp(
         if empty.any():
             mean = np.where(empty[:, None], 0.0, post.mean)
     sel = harp_select(mean, post.sd, b, order, offsets, envelope=envelope, top_k_points=top_k_points,
-                      z_active=z_active)
+                      z_active=z_active, **risk)
     if back is None:
         return sel
     return dataclasses.replace(sel, example_rows=back[sel.example_rows])

@@ -65,7 +65,7 @@ def phi_posteriors(
     if unmeasured_reps:
         context.log.warning(f"{len(unmeasured_reps)} representative leaves are not measured or stale: {unmeasured_reps[:10]}")
     fit = driver.fit_posteriors(table, store.aligned_correctness(fresh, table, base), base, domains,
-                                n_boot=settings.n_boot, seed=settings.seed)
+                                n_boot=settings.n_boot, seed=settings.seed, options=settings.posterior_options())
     post = fit.posteriors
     active = active_domains(post.mean, post.sd, z=settings.z_active)
     _, version = store.load_pool_artifact(lineage)

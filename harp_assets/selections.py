@@ -139,7 +139,8 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     excluded = excluded_ids(settings, lineage)
     out_rows = np.flatnonzero(np.isin(table.example_ids, list(excluded))) if excluded else None
     sel = driver.select_envelopes(post, b, table, top_k_points=settings.top_k_points, z_active=settings.z_active,
-                                  methods=(key,), exclude_rows=out_rows)[key]
+                                  methods=(key,), exclude_rows=out_rows,
+                                  options=settings.selection_options())[key]
     envelope = driver.ENVELOPES[key]
     rows = sel.example_rows.tolist()
     ids = table.example_ids[rows].tolist()

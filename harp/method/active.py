@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ActiveRound", "active_round_scores", "choose_active_leaves"]
+__all__ = [
+    "DECISION_RULES",
+    "ActiveRound",
+    "active_round_scores",
+    "choose_active_leaves",
+    "choose_decision_leaves",
+    "decision_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -110,3 +117,117 @@ def choose_active_leaves(
     rest = np.lexsort((np.arange(G), -scores))
     rest = rest[(scores[rest] > 0.0) & ~np.isin(rest, first)][: int(n_runs) - first.size]
     return ActiveRound(leaves=np.concatenate([first, rest]).astype(np.int64), scores=scores, active=use)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options: rounds that target the selection's decision (Thompson sampling, knowledge gradient)
+# --------------------------------------------------------------------------------------------------------
+
+DECISION_RULES: tuple[str, ...] = ("thompson", "knowledge_gradient")
+
+
+class _Decision:
+    """The selection as a function of the effects: the greedy's kept leaves and their objective ``F``."""
+
+    def __init__(self, base: Any, leaf_sizes: Any, envelope: str, top_k_points: int | None, active: np.ndarray):
+        self.base, self.envelope, self.active = base, envelope, active
+        self.sizes = np.asarray(leaf_sizes, dtype=np.int64)
+        self.budget = top_k_points
+
+    def __call__(self, phi: np.ndarray) -> tuple[np.ndarray, float]:
+        from harp.method.envelopes import greedy_taskaware
+
+        res = greedy_taskaware(phi, self.base, self.envelope, active=self.active, leaf_sizes=self.sizes,
+                               budget_points=self.budget)
+        kept = np.zeros(phi.shape[0], dtype=bool)
+        kept[res.kept] = True
+        return kept, res.objective
+
+
+def decision_scores(
+    post_mean: Any,
+    post_sd: Any,
+    measured: Any,
+    base: Any,
+    leaf_sizes: Any,
+    *,
+    envelope: str,
+    top_k_points: int | None,
+    rule: str,
+    active: Any = None,
+    n_samples: int = 32,
+    seed: int = 0,
+    max_candidates: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, domains used)``: how much measuring each unmeasured leaf bears on the selection.
+
+    - ``thompson``: draw ``n_samples`` effect matrices from the posterior (leaves and domains independent,
+      seeded), select under each as the envelope would, and score a leaf by the share of draws in which it is
+      kept while the current selection drops it, or the reverse: the probability that its decision flips.
+    - ``knowledge_gradient``: the expected rise of the selection's objective ``F`` (plug-in, under the
+      updated means) when the leaf alone is measured and its effects come out at ``mean + z * sd`` on every
+      domain, ``z`` over 5 Gauss-Hermite nodes; a leaf whose outcome cannot change the selection scores 0.
+      Only the ``max_candidates`` unmeasured leaves with the largest summed sd are scored (5 greedy runs each).
+
+    Measured leaves score ``-inf``.
+    """
+    if rule not in DECISION_RULES:
+        raise ValueError(f"unknown decision rule {rule!r}; valid rules are {list(DECISION_RULES)}")
+    mean = _matrix(post_mean, "post_mean")
+    sd = _matrix(post_sd, "post_sd")
+    _, use = active_round_scores(mean, sd, measured, active)  # the same checks and domain choice
+    done = np.asarray(measured, dtype=bool)
+    G = mean.shape[0]
+    decide = _Decision(base, leaf_sizes, envelope, top_k_points, use)
+    current, value = decide(mean)
+    scores = np.zeros(G)
+    if rule == "thompson":
+        if isinstance(n_samples, bool) or int(n_samples) < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        rng = np.random.default_rng(int(seed))
+        for _ in range(int(n_samples)):
+            kept, _ = decide(mean + sd * rng.standard_normal(mean.shape))
+            scores += kept != current
+        scores /= int(n_samples)
+    else:
+        todo = np.flatnonzero(~done)
+        spread = sd[:, use].sum(axis=1)
+        todo = todo[np.lexsort((todo, -spread[todo]))][: int(max_candidates)]
+        nodes, weights = np.polynomial.hermite_e.hermegauss(5)
+        weights = weights / weights.sum()
+        for g in todo.tolist():
+            phi = mean.copy()
+            got = 0.0
+            for z, w in zip(nodes.tolist(), weights.tolist(), strict=True):
+                phi[g] = mean[g] + z * sd[g]
+                got += w * decide(phi)[1]
+            scores[g] = got - value
+    scores[done] = -np.inf
+    return scores, use
+
+
+def choose_decision_leaves(
+    post_mean: Any,
+    post_sd: Any,
+    measured: Any,
+    n_runs: int,
+    base: Any,
+    leaf_sizes: Any,
+    *,
+    envelope: str,
+    top_k_points: int | None,
+    rule: str,
+    active: Any = None,
+    n_samples: int = 32,
+    seed: int = 0,
+) -> ActiveRound:
+    """Up to ``n_runs`` unmeasured leaves by ``decision_scores``, highest first (ties to the lowest index);
+    a leaf scoring ``<= 1e-12`` (its measurement cannot change the selection) is never picked."""
+    if isinstance(n_runs, bool) or not isinstance(n_runs, int | np.integer) or n_runs < 0:
+        raise ValueError(f"n_runs must be a non-negative integer, got {n_runs!r}")
+    scores, use = decision_scores(post_mean, post_sd, measured, base, leaf_sizes, envelope=envelope,
+                                  top_k_points=top_k_points, rule=rule, active=active, n_samples=n_samples,
+                                  seed=seed)
+    order = np.lexsort((np.arange(scores.size), -scores))
+    picked = order[scores[order] > 1e-12][: int(n_runs)]
+    return ActiveRound(leaves=picked.astype(np.int64), scores=scores, active=use)

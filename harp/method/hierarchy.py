@@ -36,9 +36,11 @@ from harp.method.ann import faiss_gpu_available
 from harp.validate import check_int
 
 __all__ = [
+    "REPRESENTATIVE_RULES",
     "Hierarchy",
     "assign_to_nearest_leaf",
     "build_parent_leaf_hierarchy",
+    "choose_representatives",
     "member_order_for",
     "normalized_embeddings",
     "validate_embeddings",
@@ -480,20 +482,37 @@ def member_order_for(
     return order, offsets
 
 
-def _choose_representatives(
-    leaf_centroids: np.ndarray, parent_centroids: np.ndarray, parent_of_leaf: np.ndarray, k: int
+REPRESENTATIVE_RULES: tuple[str, ...] = ("central", "central_farthest")
+
+
+def choose_representatives(
+    leaf_centroids: Any, parent_centroids: Any, parent_of_leaf: Any, k: int, rule: str = "central"
 ) -> np.ndarray:
-    sim = np.einsum(
-        "ij,ij->i",
-        leaf_centroids.astype(np.float64),
-        parent_centroids.astype(np.float64)[parent_of_leaf],
-    )
-    G = parent_of_leaf.shape[0]
-    order = np.lexsort((np.arange(G), -sim, parent_of_leaf))
-    sorted_parents = parent_of_leaf[order]
+    """Sorted leaf ids measured for their parents: ``k`` per parent (all of a smaller parent's leaves).
+
+    ``central`` (the reference): the ``k`` leaves with the largest ``cos(leaf, parent centroid)``, ties to the
+    lowest id. ``central_farthest``: the ``ceil(k/2)`` most central and the ``floor(k/2)`` least central
+    (farthest) leaves, so the measured leaves span the parent instead of sitting at its centre; with ``k=1``
+    it is ``central``.
+    """
+    if rule not in REPRESENTATIVE_RULES:
+        raise ValueError(f"unknown representative rule {rule!r}; valid rules are {list(REPRESENTATIVE_RULES)}")
+    k = check_int(k, "n_representatives", minimum=1)
+    leaf_c = np.asarray(leaf_centroids, dtype=np.float64)
+    pol = np.asarray(parent_of_leaf, dtype=np.int64)
+    sim = np.einsum("ij,ij->i", leaf_c, np.asarray(parent_centroids, dtype=np.float64)[pol])
+    G = pol.shape[0]
+    order = np.lexsort((np.arange(G), -sim, pol))
+    sorted_parents = pol[order]
     start_of = np.searchsorted(sorted_parents, sorted_parents, side="left")
     rank = np.arange(G) - start_of
-    return np.sort(order[rank < k]).astype(np.int32)
+    if rule == "central":
+        keep = rank < k
+    else:
+        size = np.bincount(pol, minlength=int(pol.max()) + 1 if G else 0)[sorted_parents]
+        back = size - 1 - rank  # 0 for the farthest leaf of its parent
+        keep = (rank < (k + 1) // 2) | (back < k // 2)
+    return np.sort(order[keep]).astype(np.int32)
 
 
 def build_parent_leaf_hierarchy(
@@ -507,6 +526,7 @@ def build_parent_leaf_hierarchy(
     seed: int = 0,
     niter: int = 20,
     use_gpu: UseGpu = "auto",
+    representative_rule: str = "central",
 ) -> Hierarchy:
     """Build the region -> parent -> leaf hierarchy by top-down spherical k-means (faiss).
 
@@ -516,13 +536,17 @@ def build_parent_leaf_hierarchy(
     level a cluster of fewer than ``min_leaf_size`` rows (default ``leaf_size // 5``, at least 1;
     1 disables this) is folded into the sibling with the most similar mean direction, so a leaf is
     smaller than that only when its whole parent is. Per parent, the ``n_representatives`` leaves
-    whose centroid is closest (cosine) to the parent centroid are representatives, ties by leaf id.
+    whose centroid is closest (cosine) to the parent centroid are representatives, ties by leaf id
+    (``representative_rule="central_farthest"``: see ``choose_representatives``).
     Same input, seed and faiss build give identical arrays, whatever the OpenMP thread count (CPU).
     """
     leaf_size = check_int(leaf_size, "leaf_size", minimum=1)
     leaves_per_parent = check_int(leaves_per_parent, "leaves_per_parent", minimum=1)
     parents_per_region = check_int(parents_per_region, "parents_per_region", minimum=1)
     n_representatives = check_int(n_representatives, "n_representatives", minimum=1)
+    if representative_rule not in REPRESENTATIVE_RULES:
+        raise ValueError(
+            f"unknown representative_rule {representative_rule!r}; valid rules are {list(REPRESENTATIVE_RULES)}")
     if min_leaf_size is None:
         min_leaf_size = max(1, leaf_size // 5)
     min_leaf_size = check_int(min_leaf_size, "min_leaf_size", minimum=1)
@@ -606,7 +630,8 @@ def build_parent_leaf_hierarchy(
     )
 
     member_order, leaf_offsets = member_order_for(leaf_of, Xn, leaf_centroids)
-    representatives = _choose_representatives(leaf_centroids, parent_centroids, parent_arr, n_representatives)
+    representatives = choose_representatives(leaf_centroids, parent_centroids, parent_arr, n_representatives,
+                                             representative_rule)
     logger.info(
         "hierarchy: %d regions, %d parents, %d leaves (sizes %d..%d), %d representatives",
         n_regions,

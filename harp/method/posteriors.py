@@ -20,17 +20,21 @@ Two steps, both plain numpy:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "KERNEL_LENGTHSCALES",
     "Hyperparameters",
+    "KernelPrior",
     "MainEffects",
     "Posteriors",
     "bootstrap_main_effects",
+    "fit_kernel_posteriors",
+    "fit_kernel_prior",
     "fit_posteriors",
 ]
 
@@ -425,6 +429,7 @@ def fit_posteriors(
     boundary_prior: bool = True,
     max_iter: int = 500,
     tol: float = 1e-6,
+    min_measured_regions: int = 2,
 ) -> Posteriors:
     """Empirical-Bayes posterior of every leaf's main effect, per domain, from the measured leaves.
 
@@ -437,7 +442,14 @@ def fit_posteriors(
     under a Gamma(2) prior on each free sd) instead of the bare likelihood: with few groups or noisy
     measurements the bare maximum often sits at tau = 0, which would make unmeasured leaves' intervals far
     too narrow; the penalty keeps each estimate about one standard error off zero.
+    ``min_measured_regions`` (default 2, the reference): the region variance is fitted only when at least this
+    many regions hold measured leaves, else it is 0 and carried by the level below. Two measured regions give
+    one contrast, and the penalised fit then runs to its ceiling; a larger value leaves it free only with
+    enough regions to estimate it.
     """
+    if isinstance(min_measured_regions, bool) or int(min_measured_regions) != min_measured_regions \
+            or min_measured_regions < 2:
+        raise ValueError(f"min_measured_regions must be an integer >= 2, got {min_measured_regions!r}")
     if not min_var > 0:
         raise ValueError(f"min_var must be > 0, got {min_var}")
     if not 0.0 <= parent_share <= 1.0:
@@ -488,12 +500,13 @@ def fit_posteriors(
     identified_L = bool((tree.leaves_per_parent >= 2).any())
     identified_P = bool((tree.parents_per_region >= 2).any())
     identified_R = tree.region_ids.size >= 2
+    enough_R = tree.region_ids.size >= int(min_measured_regions)
     # A level that the design cannot separate from the one below it (or, at the top, from mu) is fixed at 0
     # while fitting, so its variance is carried by the lower level: unmeasured leaves then borrow less from
     # measured neighbours and get wider intervals, never narrower ones.
     free = np.array(
         [
-            identified_P and identified_R,
+            identified_P and identified_R and enough_R,
             identified_L and tree.parent_ids.size >= 2,
             leaf_ids.size >= 2,
         ]
@@ -513,6 +526,10 @@ def fit_posteriors(
             notes.append("only one region is measured: tau_R2 not estimable, set to 0")
         elif not identified_P:
             notes.append("no region has >= 2 measured parents: tau_R2 not estimable, carried by the level below")
+        elif not enough_R:
+            notes.append(
+                f"only {tree.region_ids.size} regions are measured (min_measured_regions={int(min_measured_regions)}):"
+                " tau_R2 set to 0, carried by the level below")
     prior = 0.5 if boundary_prior else 0.0
     theta, loglik, n_iter, converged = _fit_variances(
         tree, y, s, free, min_var, int(max_iter), float(tol), prior
@@ -560,3 +577,154 @@ def fit_posteriors(
     return Posteriors(
         mean=mean, sd=np.sqrt(post_var), measured=meas.copy(), hyper=hyper, n_measured=int(leaf_ids.size)
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Option: a cross-domain kernel prior over leaf centroids, the tree model on its residual
+# --------------------------------------------------------------------------------------------------------
+
+# Length scales tried, in Euclidean distance between unit centroids (0 .. 2).
+KERNEL_LENGTHSCALES: tuple[float, ...] = (0.15, 0.3, 0.6, 1.2)
+_KERNEL_S2_GRID = np.geomspace(1e-5, 0.25, 16)
+
+
+@dataclass(frozen=True, eq=False)
+class KernelPrior:
+    """The shared effect ``c`` of every leaf (one value for all domains) and its fitted hyper-parameters."""
+
+    mean: np.ndarray  # (G,) posterior mean of c at every leaf
+    sd: np.ndarray  # (G,) its posterior sd
+    shared_var: float  # s2: prior variance of c
+    lengthscale: float  # ell of k(x, x') = exp(-|x - x'|^2 / (2 ell^2))
+    resid_var: np.ndarray  # (D,) tau2_d: per-domain variance around mu_d + c
+    mu: np.ndarray  # (D,) per-domain centre (inverse-variance weighted mean of the measured effects)
+    loglik: float  # marginal log-likelihood at the estimate
+
+
+def _kernel_loglik(K: np.ndarray, r: np.ndarray, s: np.ndarray, s2: float, tau2: np.ndarray) -> float:
+    """log N(vec r; 0, s2 K (x) 11' + diag(tau2_d + s_gd)), through the per-leaf sufficient statistic."""
+    N = tau2[None, :] + s
+    W = (1.0 / N).sum(axis=1)
+    ybar = (r / N).sum(axis=1) / W
+    ll = -0.5 * (np.log(2.0 * np.pi * N).sum() + ((r - ybar[:, None]) ** 2 / N).sum())
+    ll += 0.5 * np.log(2.0 * np.pi / W).sum()
+    A = s2 * K + np.diag(1.0 / W)
+    L = np.linalg.cholesky(A)
+    z = np.linalg.solve(L, ybar)
+    return float(ll - 0.5 * (z @ z) - np.log(np.diag(L)).sum() - 0.5 * ybar.size * _LOG_2PI)
+
+
+def _sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum(2.0 - 2.0 * (a @ b.T), 0.0)  # unit rows: |x - x'|^2 = 2 - 2 cos
+
+
+def fit_kernel_prior(
+    phi_hat: Any,
+    phi_var: Any,
+    measured: Any,
+    leaf_centroids: Any,
+    *,
+    min_var: float = 1e-6,
+    lengthscales: tuple[float, ...] = KERNEL_LENGTHSCALES,
+) -> KernelPrior:
+    """Empirical-Bayes fit of ``phi_hat[g, d] = mu_d + c(x_g) + e[g, d]`` over the measured leaves.
+
+    ``c`` is one Gaussian process over the leaf centroids ``x_g`` shared by every domain (a leaf that hurts
+    some domains is likely to hurt others, and so are leaves near it), ``e ~ N(0, tau2_d + phi_var)``. The
+    length scale and ``s2`` maximise the marginal likelihood on a grid (``tau2_d`` by moments given ``s2``,
+    then refined one domain at a time on a log grid); the likelihood needs one R x R Cholesky factor per
+    point, through each leaf's inverse-variance weighted mean over domains.
+    """
+    phi = np.asarray(phi_hat, dtype=np.float64)
+    var = np.asarray(phi_var, dtype=np.float64)
+    meas = np.asarray(measured, dtype=bool)
+    X = np.asarray(leaf_centroids, dtype=np.float64)
+    G, D = phi.shape
+    if X.ndim != 2 or X.shape[0] != G:
+        raise ValueError(f"leaf_centroids must have one row per leaf ({G}), got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise ValueError(f"leaf_centroids row {int(np.argwhere(~np.isfinite(X))[0][0])} is not finite")
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    X = X / np.where(norms > 0, norms, 1.0)
+    ids = np.flatnonzero(meas)
+    y, s = phi[ids], np.maximum(var[ids], min_var)
+    w = 1.0 / s
+    mu = (w * y).sum(axis=0) / w.sum(axis=0)
+    r = y - mu
+    if ids.size < 3:  # fewer than three leaves carry no information on a shared covariance
+        return KernelPrior(mean=np.zeros(G), sd=np.zeros(G), shared_var=0.0, lengthscale=float("nan"),
+                           resid_var=np.full(D, min_var), mu=mu, loglik=float("nan"))
+    d2 = _sq_dist(X[ids], X[ids])
+    spread, noise = r.var(axis=0), s.mean(axis=0)
+
+    def moments(s2: float) -> np.ndarray:
+        return np.maximum(spread - noise - s2, min_var)
+
+    best = (-np.inf, 0.0, 0.0, moments(0.0))
+    for ell in lengthscales:
+        K = np.exp(-d2 / (2.0 * ell**2))
+        for s2 in _KERNEL_S2_GRID:
+            tau = moments(float(s2))
+            ll = _kernel_loglik(K, r, s, float(s2), tau)
+            if ll > best[0]:
+                best = (ll, float(ell), float(s2), tau)
+    ll, ell, s2, tau = best
+    K = np.exp(-d2 / (2.0 * ell**2))
+    factors = np.geomspace(0.25, 4.0, 9)
+    for _ in range(2):  # refine each tau2_d, then s2, on log grids around the current values
+        for d in range(D):
+            for f in factors:
+                trial = tau.copy()
+                trial[d] = float(np.clip(tau[d] * f, min_var, 1.0))
+                got = _kernel_loglik(K, r, s, s2, trial)
+                if got > ll:
+                    ll, tau = got, trial
+        for s2_try in _KERNEL_S2_GRID:
+            got = _kernel_loglik(K, r, s, float(s2_try), tau)
+            if got > ll:
+                ll, s2 = got, float(s2_try)
+    N = tau[None, :] + s
+    Wl = (1.0 / N).sum(axis=1)
+    ybar = (r / N).sum(axis=1) / Wl
+    A = s2 * K + np.diag(1.0 / Wl)
+    L = np.linalg.cholesky(A)
+    Ks = s2 * np.exp(-_sq_dist(X, X[ids]) / (2.0 * ell**2))  # (G, R)
+    alpha = np.linalg.solve(L.T, np.linalg.solve(L, ybar))
+    V = np.linalg.solve(L, Ks.T)  # (R, G)
+    c_var = np.maximum(s2 - (V**2).sum(axis=0), 0.0)
+    return KernelPrior(mean=Ks @ alpha, sd=np.sqrt(c_var), shared_var=s2, lengthscale=ell, resid_var=tau,
+                       mu=mu, loglik=ll)
+
+
+def fit_kernel_posteriors(
+    phi_hat: Any,
+    phi_var: Any,
+    measured: Any,
+    parent_of_leaf: Any,
+    region_of_parent: Any,
+    leaf_centroids: Any,
+    *,
+    min_var: float = 1e-6,
+    lengthscales: tuple[float, ...] = KERNEL_LENGTHSCALES,
+    **tree_kw: Any,
+) -> Posteriors:
+    """The cross-domain kernel prior (``fit_kernel_prior``), then the tree model (``fit_posteriors``) on the
+    measured effects minus the shared effect ``c``; posterior mean ``c + tree``, variance the sum of both.
+
+    Siblings then differ by their positions, and a leaf near leaves measured harmful on some domains starts
+    lower on every domain. Two stages, not one joint model: the tree ignores its covariance with ``c``,
+    and a measured leaf's own data enters ``c`` too, which the tree's shrinkage of the residual corrects in
+    part. The fitted kernel is described in ``hyper.fallback``.
+    """
+    phi = np.asarray(phi_hat, dtype=np.float64)
+    meas = np.asarray(measured)
+    if meas.shape != (phi.shape[0],) or meas.dtype != np.bool_:
+        raise ValueError(f"measured must be a ({phi.shape[0]},) bool array, got {meas.dtype}{meas.shape}")
+    kp = fit_kernel_prior(phi, phi_var, meas, leaf_centroids, min_var=min_var, lengthscales=lengthscales)
+    resid = np.where(meas[:, None], phi - kp.mean[:, None], np.nan)
+    tree = fit_posteriors(resid, phi_var, meas, parent_of_leaf, region_of_parent, min_var=min_var, **tree_kw)
+    note = (f"kernel prior: shared variance {kp.shared_var:.3g}, length scale {kp.lengthscale:.3g}, "
+            f"loglik {kp.loglik:.4g}")
+    hyper = replace(tree.hyper, fallback=(*tree.hyper.fallback, note))
+    return Posteriors(mean=tree.mean + kp.mean[:, None], sd=np.sqrt(tree.sd**2 + kp.sd[:, None] ** 2),
+                      measured=tree.measured, hyper=hyper, n_measured=tree.n_measured)
