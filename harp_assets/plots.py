@@ -63,3 +63,58 @@ def sd_by_source(sd: np.ndarray, measured: np.ndarray) -> str | None:
     ax.set_ylabel("leaves")
     ax.legend(fontsize=7)
     return png_markdown(fig, "posterior sd, measured and inferred")
+
+
+def composition(counts: dict[str, dict[str, int]], max_regions: int = 30) -> str | None:
+    """Selected examples per region, stacked by the domain their leaf helps most: where the data comes from and
+    what it is for. Regions beyond `max_regions` (the smallest) are summed into one bar."""
+    plt = pyplot()
+    if plt is None or not counts:
+        return None
+    regions = sorted(counts, key=lambda r: (-sum(counts[r].values()), r))
+    if len(regions) > max_regions:
+        rest: dict[str, int] = {}
+        for r in regions[max_regions - 1:]:
+            for d, n in counts[r].items():
+                rest[d] = rest.get(d, 0) + n
+        counts = {**{r: counts[r] for r in regions[:max_regions - 1]}, f"{len(regions) - max_regions + 1} more": rest}
+        regions = list(counts)
+    domains = sorted({d for row in counts.values() for d in row})
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+    x = np.arange(len(regions))
+    bottom = np.zeros(len(regions))
+    for d in domains:
+        h = np.array([counts[r].get(d, 0) for r in regions], dtype=np.float64)
+        ax.bar(x, h, bottom=bottom, label=d)
+        bottom += h
+    ax.set_xticks(x, regions, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("selected examples")
+    ax.set_xlabel("region")
+    ax.legend(fontsize=6, title="leaf helps most", title_fontsize=6)
+    return png_markdown(fig, "selection composition by region and domain")
+
+
+def predicted_band(predictions: dict[str, dict[str, Any]], base: dict[str, float] | None = None) -> str | None:
+    """Predicted utility per domain with its credible band; saturated domains (the clip at 1) drawn hatched."""
+    plt = pyplot()
+    if plt is None or not predictions:
+        return None
+    names = list(predictions)
+    y = np.array([predictions[d]["predicted"] for d in names])
+    lo = np.array([predictions[d]["low"] for d in names])
+    hi = np.array([predictions[d]["high"] for d in names])
+    sat = [bool(predictions[d]["saturated"]) for d in names]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+    x = np.arange(len(names))
+    bars = ax.bar(x, y, yerr=np.vstack([y - lo, hi - y]), capsize=3, color="tab:blue", alpha=0.7)
+    for bar, s in zip(bars, sat, strict=True):
+        if s:
+            bar.set_hatch("//")
+            bar.set_color("tab:orange")
+    if base:
+        ax.scatter(x, [base.get(d, np.nan) for d in names], marker="_", s=300, color="black", label="base model")
+        ax.legend(fontsize=7)
+    ax.set_xticks(x, [f"{d}\n(saturated)" if s else d for d, s in zip(names, sat, strict=True)], fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("predicted utility")
+    return png_markdown(fig, "predicted utility per domain with its band")

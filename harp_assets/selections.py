@@ -13,9 +13,10 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from harp import driver, stages, store
+from harp import driver, explain, stages, store
 from harp.config import HarpSettings
 from harp.lineage import LineageStore, selection_id_for
+from harp.method.selection import HarpSelection
 from harp_assets import plots
 from harp_assets.base_scores import base_model_scores
 from harp_assets.checking import check_result
@@ -56,6 +57,34 @@ def guard_metadata(lineage: LineageStore, excluded: set[str], example_ids: list[
             "contaminated_selected": sum(e in flagged for e in example_ids)}
 
 
+def previous_selection(lineage: LineageStore, method: str) -> tuple[str, pl.DataFrame, dict[str, float] | None]:
+    """The method's newest committed selection (an empty one included): its id ('' when none), its rows
+    (example_id, leaf_id) and, for HARP, its predicted utility per domain."""
+    pair = lineage.query("SELECT newer_selection_id AS sid FROM selection_pairs WHERE method = $m", {"m": method})
+    if pair.height == 0:
+        return "", pl.DataFrame(schema={"example_id": pl.String, "leaf_id": pl.String}), None
+    sid = str(pair["sid"][0])
+    rows = lineage.query("SELECT example_id, leaf_id FROM selections WHERE selection_id = $sid", {"sid": sid})
+    pred = lineage.query("SELECT domain, predicted FROM selection_predictions WHERE selection_id = $sid",
+                         {"sid": sid})
+    return sid, rows, (dict(pred.rows()) if pred.height else None)
+
+
+def _composition_of(lineage: LineageStore, leaves: list[str]) -> dict[str, dict[str, int]]:
+    """Selected examples by region and by their leaf's most helped domain, from the catalog's current tables."""
+    if not leaves:
+        return {}
+    region = dict(lineage.query("SELECT leaf_id, region_id FROM leaves").rows())
+    post = lineage.query("SELECT leaf_id, domain, mean FROM phi_posteriors ORDER BY leaf_id, domain")
+    best: dict[str, str] = {}
+    if post.height:
+        wide = post.pivot(on="domain", index="leaf_id", values="mean").sort("leaf_id")
+        domains = [c for c in wide.columns if c != "leaf_id"]
+        best = explain.best_domains(wide["leaf_id"].to_list(), domains,
+                                    wide.select(domains).fill_null(0.0).to_numpy())
+    return explain.composition(leaves, region, best)
+
+
 def record_selection(
     context: dg.AssetExecutionContext,
     lineage: LineageStore,
@@ -66,11 +95,19 @@ def record_selection(
     predicted: float | None = None,
     *,
     commit: bool = False,
+    harp: HarpSelection | None = None,
+    domains: list[str] | None = None,
+    base: np.ndarray | None = None,
+    leaf_sizes: np.ndarray | None = None,
 ) -> dict:
     """Append one selection to the `selections` table; returns metadata shared by every method.
 
-    A selection shows in `latest_selections` once its run commits: the select job's manifest commits its
-    four selections together; a job that writes one selection alone passes `commit=True`."""
+    A HARP selection (`harp`, with its `domains`, `base` scores and the `leaf_sizes` it saw) also writes its
+    greedy trace (`selection_traces`) and its per-domain prediction (`selection_predictions`, written for an
+    empty selection too, with the reason). The metadata says what changed against the method's previous
+    committed selection and how the selection divides by region and domain. A selection shows in
+    `latest_selections` once its run commits: the select job's manifest commits its four selections together;
+    a job that writes one selection alone passes `commit=True`."""
     table = store.load_leaf_table(lineage)
     pool, version = store.load_pool_artifact(lineage)
     pool_ids = set(pool["example_id"].to_list())
@@ -82,49 +119,65 @@ def record_selection(
     row = {e: r for r, e in enumerate(table.example_ids.tolist())}
     g = table.leaf_index_of_row[[row[e] for e in example_ids]] if example_ids else np.zeros(0, np.int32)
     now = dt.datetime.now(dt.timezone.utc)
-    sid = selection_id_for(method, context.run.run_id, now)
+    run_id = context.run.run_id
+    sid = selection_id_for(method, run_id, now)
     n = len(example_ids)
+    leaves = table.leaf_ids[g].tolist()
     df = pl.DataFrame(
         {
             "selection_id": [sid] * n,
             "method": [method] * n,
             "rank": np.arange(1, n + 1, dtype=np.int32),
             "example_id": example_ids,
-            "leaf_id": table.leaf_ids[g].tolist(),
+            "leaf_id": leaves,
             "parent_id": table.parent_ids[table.parent_of_leaf[g]].tolist(),
             "gain": gain if gain is not None else [None] * n,
             "predicted_utility": [predicted] * n,
             "budget": [budget] * n,
             "pool_version": [version] * n,
             "created_at": [now] * n,
-            "run_id": [context.run.run_id] * n,
+            "run_id": [run_id] * n,
         },
         schema_overrides={"gain": pl.Float64, "predicted_utility": pl.Float64, "budget": pl.Int32, "created_at": pl.Datetime("us", "UTC")},
     )
-    previous = lineage.query("SELECT selection_id, example_id, leaf_id FROM latest_selections WHERE method = $m",
-                             {"m": method})
+    prev_sid, previous, prev_pred = previous_selection(lineage, method)
+    now_pred = None
+    if harp is not None:
+        if domains is None or base is None or leaf_sizes is None:
+            raise ValueError("record_selection: a HARP selection needs its domains, base scores and leaf sizes")
+        parents = table.parent_ids[table.parent_of_leaf].tolist()
+        lineage.append_run("selection_traces", sid, explain.trace_frame(
+            harp, table.leaf_ids.tolist(), parents, leaf_sizes, selection_id=sid, method=method, created_at=now,
+            run_id=run_id), exist_ok=True)
+        preds = explain.prediction_frame(harp, domains, base, selection_id=sid, method=method, created_at=now,
+                                         run_id=run_id)
+        lineage.append_run("selection_predictions", sid, preds, exist_ok=True)
+        now_pred = dict(zip(domains, preds["predicted"].to_list(), strict=True))
     lineage.append_run("selections", sid, df, exist_ok=True)
     if commit:
-        lineage.append_run("selection_commits", context.run.run_id, pl.DataFrame(
-            {"run_id": [context.run.run_id], "committed_at": [now]},
+        lineage.append_run("selection_commits", run_id, pl.DataFrame(
+            {"run_id": [run_id], "committed_at": [now]},
             schema_overrides={"committed_at": pl.Datetime("us", "UTC")}), exist_ok=True)
-    return {"selection_id": sid, "selected": n, "budget": budget, "leaves_used": int(np.unique(g).size),
-            **selection_diff(previous, example_ids, table.leaf_ids[g].tolist())}
-
-
-def selection_diff(previous: pl.DataFrame, example_ids: list[str], leaf_ids: list[str]) -> dict:
-    """What changed against the method's previous committed selection: examples and leaves added, removed, kept
-    (the catalog's `selection_diff` query gives the rows)."""
-    old_ex, new_ex = set(previous["example_id"].to_list()), set(example_ids)
-    old_leaves, new_leaves = set(previous["leaf_id"].to_list()), set(leaf_ids)
-    return {
-        "previous_selection_id": previous["selection_id"][0] if previous.height else "",
-        "examples_added": len(new_ex - old_ex),
-        "examples_removed": len(old_ex - new_ex),
-        "examples_kept": len(new_ex & old_ex),
-        "leaves_added": dg.MetadataValue.json(sorted(new_leaves - old_leaves)[:50]),
-        "leaves_removed": dg.MetadataValue.json(sorted(old_leaves - new_leaves)[:50]),
+    diff = explain.diff_summary(previous["example_id"].to_list(), previous["leaf_id"].to_list(), example_ids, leaves,
+                                previous_predicted=prev_pred, predicted=now_pred)
+    md: dict = {
+        "selection_id": sid, "selected": n, "budget": budget, "leaves_used": int(np.unique(g).size),
+        "previous_selection_id": prev_sid,
+        **{k: diff[k] for k in ("examples_added", "examples_removed", "examples_kept", "leaves_kept")},
+        "leaves_added": dg.MetadataValue.json(diff["leaves_added"]),
+        "leaves_removed": dg.MetadataValue.json(diff["leaves_removed"]),
+        "predicted_change_by_domain": dg.MetadataValue.json(diff["predicted_change_by_domain"]),
+        "empty_selection": not n,
     }
+    reason = explain.empty_reason(method, n, budget, harp.note if harp is not None else None)
+    if reason:  # an empty file says why it is empty
+        md["empty_reason"] = reason
+    counts = _composition_of(lineage, leaves)
+    md["composition_by_region"] = dg.MetadataValue.json(counts)
+    img = plots.composition(counts)
+    if img:
+        md["composition"] = dg.MetadataValue.md(img)
+    return md
 
 
 def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: LineageStore, key: str):
@@ -149,27 +202,36 @@ def _harp(context: dg.AssetExecutionContext, settings: HarpSettings, lineage: Li
     active = np.asarray(sel.active, dtype=bool)
     pred = np.asarray(sel.predicted_rows, dtype=np.float64)
     predicted = float(pred[active].mean()) if active.any() else None
-    md = record_selection(context, lineage, key, ids, settings.top_k_points, gains, predicted)
+    sizes = np.asarray(table.leaf_sizes, dtype=np.int64)
+    if out_rows is not None and out_rows.size:  # the leaf sizes the greedy saw: without the excluded rows
+        sizes = sizes - np.bincount(table.leaf_index_of_row[out_rows], minlength=sizes.size)
+    md = record_selection(context, lineage, key, ids, settings.top_k_points, gains, predicted,
+                          harp=sel, domains=domains, base=b, leaf_sizes=sizes)
     md.update(guard_metadata(lineage, excluded, ids))
     g = sel.greedy
+    per_domain = explain.per_domain(sel, domains)
     md.update({
         "envelope": envelope,
         "leaves_ranked": int(np.asarray(g.order).size),
         "cut_index": int(g.cut),
         "stop_reason": g.stop_reason,
         "objective": float(g.objective),
-        "predicted_per_domain": dg.MetadataValue.json(
-            {d: round(float(v), 4) for d, v in zip(domains, pred, strict=True)}),
+        # y_d of the selected rows with its credible band, and the line the commands' summaries print.
+        "predicted_per_domain": dg.MetadataValue.json(per_domain),
+        "predicted_summary": explain.format_predictions(per_domain, sel.band.level),
         "running_gain": dg.MetadataValue.json([round(float(x), 5) for x in np.asarray(g.running)[:200]]),
         "note": sel.note or "",
         # A prediction at the clip (y_d = 1) says the envelope saturates, not that accuracy reaches 100%.
-        "saturated_domains": dg.MetadataValue.json([d for d, v in zip(domains, pred, strict=True) if v >= 0.999]),
+        "saturated_domains": dg.MetadataValue.json([d for d, p in per_domain.items() if p["saturated"]]),
         "seconds": round(time.perf_counter() - t0, 3),
     })
     img = plots.gain_curve(np.asarray(g.running, dtype=np.float64), int(g.cut),
                            table.leaf_sizes[np.asarray(g.order, dtype=np.int64)], settings.top_k_points)
     if img:
         md["gain_curve"] = dg.MetadataValue.md(img)
+    img = plots.predicted_band(per_domain, dict(zip(domains, np.asarray(b, dtype=float).tolist(), strict=True)))
+    if img:
+        md["predicted_utility"] = dg.MetadataValue.md(img)
     return dg.MaterializeResult(metadata=md)
 
 

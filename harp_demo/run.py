@@ -86,6 +86,14 @@ def summarise(results: dict[str, Any], lineage: Any, instance: Any) -> dict[str,
             method: _metadata(select, f"{method}_selection").get("predicted_per_domain", {})
             for method in ("harp_c", "harp_e")
         },
+        # The prediction with its band and saturated domains, and why a selection came out empty.
+        "predicted_summary": {
+            method: _metadata(select, f"{method}_selection").get("predicted_summary", "(none)")
+            for method in ("harp_c", "harp_e")
+        },
+        "empty_reasons": {
+            method: why for method in METHODS if (why := _metadata(select, f"{method}_selection").get("empty_reason"))
+        },
         "train_eval_runs_this_call": sum(bool(m["trained"]) for m in leaf_md),
         "leaves_skipped_up_to_date": sum(not m["trained"] for m in leaf_md),
         "train_eval_runs_stored": int(row["leaves_stored"]),
@@ -107,9 +115,10 @@ def _print_summary(s: dict[str, Any], demo_seconds: float, total_seconds: float)
     print("\nHARP demo: summary")
     print(f"  examples in pool        {s['examples']}  (pool version {s['pool_version']})")
     print("  selection sizes         " + ", ".join(f"{m}={n}" for m, n in s["selection_sizes"].items()))
-    for method, per_domain in s["predicted_per_domain"].items():
-        shown = ", ".join(f"{d}={v:+.4f}" for d, v in per_domain.items()) or "(none)"
-        print(f"  predicted utility {method:<7}{shown}")
+    for method, line in s["predicted_summary"].items():
+        print(f"  predicted utility {method:<7}{line}")
+    for method, why in s["empty_reasons"].items():
+        print(f"  empty selection {method:<9}{why}")
     print(f"  train-evaluate runs     {s['train_eval_runs_this_call']} this call "
           f"({s['leaves_skipped_up_to_date']} leaves skipped, up to date); {s['train_eval_runs_stored']} stored "
           f"for {s['leaves_total']} leaves in the hierarchy ({s['representatives']} representatives, "
