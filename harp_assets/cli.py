@@ -23,8 +23,9 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 EXPORT_METHODS = ("harp_c", "harp_e", "tsds", "random")  # as harp_assets.exports (imported late: start-up)
 PROJECT_INSTANCE_CONFIG = Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml"
@@ -149,7 +150,23 @@ def prepare_home(home: Path, storage: str | None = None) -> str:
     return used
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Selected:
+    """What one `harp-dagster run` did: the `run_harp` results, the definitions and instance folder it ran on,
+    the manifest it exported and its log file; `python -m harp_demo.run` builds its summary from it."""
+
+    results: dict[str, Any]
+    definitions: Any
+    home: Path
+    out: Path
+    manifest: dict[str, Any]
+    info: dict[str, Any]
+    log_file: Path
+
+
+def execute(args: argparse.Namespace, *, stream: TextIO | None = None, bars: bool | None = None) -> Selected:
+    """`harp-dagster run` up to its summary: check the inputs, run the graph through Dagster with progress on
+    `stream` (stderr; bars on a terminal) and Dagster's event lines in a log file under the home, export."""
     home = Path(args.home).expanduser().resolve()
     out = Path(args.out).expanduser().resolve()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -217,13 +234,15 @@ def run(args: argparse.Namespace) -> int:
             actors=args.ray_actors)
     defs = dg.Definitions(assets=definitions.defs.assets, asset_checks=definitions.defs.asset_checks,
                           jobs=definitions.defs.jobs, resources=resources)
+    from harp_assets.console import RunConsole
+
     t0 = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        results = run_harp(instance, defs)
+    with dg.DagsterInstance.get() as instance, RunConsole(home, stream=stream, bars=bars) as console:
+        results = run_harp(instance, defs, events=console.events)
         failed = [stage for stage in ("prepare", "select") if not results.get(stage) or not results[stage].success]
         if failed or not all(r.success for r in results.get("leaf_runs", [])):
             raise RuntimeError(f"the HARP pipeline stopped at stage {failed[0] if failed else 'leaf_runs'!r}; "
-                               f"open the run with `dagster dev` on DAGSTER_HOME={home}")
+                               f"open the run with `dagster dev` on DAGSTER_HOME={home}; event log {console.path}")
         trained = sum(bool(m.metadata["trained"].value) for r in results["leaf_runs"]
                       for m in r.asset_materializations_for_node("leaf_utilities"))
     lineage = resources["lineage"]
@@ -245,14 +264,23 @@ def run(args: argparse.Namespace) -> int:
     from harp_assets.exports import export_selections
 
     manifest = export_selections(lineage, pool, out, methods, info)
-    for method, f in manifest["methods"].items():
-        print(f"  {method:<8} {f['examples']:>7} examples -> {out / f['parquet']}")
-    print(f"harp-dagster: done in {info['seconds']} s, {trained} leaves trained this call; manifest "
-          f"{out / 'manifest.json'}")
+    return Selected(results=results, definitions=defs, home=home, out=out, manifest=manifest, info=info,
+                    log_file=console.path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`harp-dagster run`: `execute`, then the summary on stdout."""
+    got = execute(args)
+    for method, f in got.manifest["methods"].items():
+        print(f"  {method:<8} {f['examples']:>7} examples -> {got.out / f['parquet']}")
+    print(f"harp-dagster: done in {got.info['seconds']} s, {got.info['leaves_trained_this_call']} leaves trained "
+          f"this call; manifest {got.out / 'manifest.json'}")
+    print(f"harp-dagster: Dagster's event log of this call in {got.log_file}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line of `harp-dagster` (`python -m harp_demo.run` builds its `run` from it too)."""
     ap = argparse.ArgumentParser(prog="harp-dagster", description="HARP data selection on your own data.")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="select from your pool and export the selections")
@@ -275,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--storage", choices=sorted(INSTANCE_CONFIGS),
                    help=f"where a new --home stores runs and event logs: sqlite (default: files in the home, "
                    f"nothing to set up) or postgres (the server in ${PG_URL_ENV}); an existing home keeps its own")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         return run(args)

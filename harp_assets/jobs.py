@@ -2,7 +2,10 @@
 
 `harp_prepare_job` registers the leaf partitions, `leaf_utilities_job` measures a range of them in one step
 (the base model loads once per run), `harp_select_job` fits and selects; `harp_validation_job` is off the
-default path. Light jobs run in process: a step subprocess would import torch for seconds of start-up.
+default path. Prepare, select and validation run their steps in the run's own process (`in_process_executor`):
+launched from the UI, a step subprocess each would import torch and reload the code location, which made a
+9 s selection take almost 2 minutes. `leaf_utilities_job` keeps Dagster's default executor: its one step per
+run trains in a process of its own, and the `gpu` pool limits those steps either way.
 """
 
 import dagster as dg
@@ -27,7 +30,7 @@ VALIDATION_ASSETS = [exhaustive_selection, selection_validation]
 ALL_ASSETS = [*PREPARE_ASSETS, leaf_utilities, *SELECT_ASSETS]
 
 harp_prepare_job = dg.define_asset_job(
-    "harp_prepare_job", selection=PREPARE_ASSETS,
+    "harp_prepare_job", executor_def=dg.in_process_executor, selection=PREPARE_ASSETS,
     description="Pool, eval set, embeddings, leaf hierarchy (registers leaf partitions) and base scores.",
 )
 leaf_utilities_job = dg.define_asset_job(
@@ -35,12 +38,12 @@ leaf_utilities_job = dg.define_asset_job(
     description="Measure leaf partitions; a partition range runs in one step with the base model loaded once.",
 )
 harp_select_job = dg.define_asset_job(
-    "harp_select_job", selection=SELECT_ASSETS,
+    "harp_select_job", executor_def=dg.in_process_executor, selection=SELECT_ASSETS,
     description="Posteriors from HARP's measured leaves, the four selections, the next active round's plan, the "
     "run manifest and the DuckDB catalog.",
 )
 harp_validation_job = dg.define_asset_job(
-    "harp_validation_job", selection=VALIDATION_ASSETS,
+    "harp_validation_job", executor_def=dg.in_process_executor, selection=VALIDATION_ASSETS,
     description="The exhaustive oracle (every leaf must be measured) and every selection validated on the "
     "held-out test split; `make validate` measures the leaves and runs it.",
 )

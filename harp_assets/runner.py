@@ -4,6 +4,13 @@
 `leaf_utilities_job` run per contiguous range of the representative leaves, then `harp_select_job` (which
 fits the posteriors and plans the next active round), then each planned round's leaves and a new selection.
 Already-measured, unchanged leaves are skipped inside the leaf runs.
+
+Every run is created the way the UI and `dagster job launch` create theirs: it carries the code location's
+job origin (`harp_assets.definitions`, workspace.yaml's module), so the UI lists it under its job and on the
+timeline, and it is executed synchronously in this process (`execute_job`). Executing here rather than through
+the run launcher keeps the caller's resources (`harp-dagster run` configures the pool, budget and recipe per
+call), keeps the process tags that crash recovery relies on true of the executing process, and costs no
+process start per run.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -29,6 +37,102 @@ MAX_NEW_ROUNDS = 100
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 log = logging.getLogger("harp.runner")
+# The code location every run names as its origin: the module workspace.yaml loads (its location name too).
+CODE_LOCATION = "harp_assets.definitions"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_origins(job_name: str) -> tuple[Any, Any]:
+    """The remote (code-location) and Python origins of `job_name` in this project's code location, as the UI's
+    workspace builds them: the remote one is what puts a run under its job (the `.dagster/repository` tag)."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
+    from dagster._core.origin import JobPythonOrigin
+    from dagster._core.remote_origin import RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.workspace.load import location_origin_from_module_name
+
+    location = location_origin_from_module_name(CODE_LOCATION, "defs", str(REPO_ROOT), CODE_LOCATION)
+    remote = RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job_name)
+    python = JobPythonOrigin(job_name, ReconstructableRepository.for_module(
+        CODE_LOCATION, "defs", str(REPO_ROOT)).get_python_origin())
+    return remote, python
+
+
+class RunEvents(logging.Handler):
+    """Receives a run's Dagster event records (`execute_job(events=...)`); `start` is told each run's steps first."""
+
+    def start(self, job_name: str, run_id: str, steps: list[str]) -> None:
+        """Called once per run, before its first event."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """One event record; the default drops it."""
+
+
+def _handler_logger(handler: logging.Handler) -> dg.LoggerDefinition:
+    """A run logger that hands every event record to `handler`; same config as Dagster's console logger, so
+    the run config it needs stays valid for the code location's own job (re-execution from the UI)."""
+
+    @dg.logger(dg.Field({"log_level": dg.Field(str, is_required=False, default_value="DEBUG"),
+                         "name": dg.Field(str, is_required=False, default_value="dagster")}, is_required=False))
+    def to_handler(init: dg.InitLoggerContext) -> logging.Logger:
+        logger = logging.Logger(init.logger_config["name"], level=init.logger_config["log_level"])
+        logger.addHandler(handler)
+        return logger
+
+    return to_handler
+
+
+def execute_job(
+    instance: dg.DagsterInstance,
+    definitions: dg.Definitions,
+    job_name: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    events: RunEvents | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Run `job_name` of `definitions` to the end in this process, as a run of the code location's job.
+
+    What `JobDefinition.execute_in_process` does (in-process executor, outputs captured, a failing step
+    raises), except that the run is created with the job's remote origin, like a run launched from the UI.
+    `events`, when given, receives Dagster's event records instead of the console (a log file, a progress bar).
+    """
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.execution.api import (
+        ExecuteRunWithPlanIterable,
+        create_execution_plan,
+        job_execution_iterator,
+    )
+    from dagster._core.execution.context_creation_job import (
+        PlanOrchestrationContextManager,
+        orchestration_context_event_generator,
+    )
+
+    job_def = definitions.resolve_job_def(job_name)
+    ephemeral = job_def.as_ephemeral_job(resource_defs={}, input_values={})
+    run_config: dict[str, Any] = {}
+    if events is not None:
+        ephemeral = ephemeral.with_logger_defs({"console": _handler_logger(events)})
+        run_config = {"loggers": {"console": {"config": {"log_level": "DEBUG"}}}}
+    job = InMemoryJob(job_def=ephemeral)
+    plan = create_execution_plan(job, run_config=run_config,
+                                 instance_ref=instance.get_ref() if instance.is_persistent else None)
+    remote, python = job_origins(job_name)
+    run = instance.create_run_for_job(job_def=ephemeral, execution_plan=plan, run_config=run_config,
+                                      tags={**job_def.run_tags, **dict(tags or {})}, remote_job_origin=remote,
+                                      job_code_origin=python)
+    if events is not None:
+        events.start(job_name, run.run_id, list(plan.step_keys_to_execute))
+    output_capture: dict[Any, Any] = {}
+    event_list = list(ExecuteRunWithPlanIterable(
+        execution_plan=plan,
+        iterator=job_execution_iterator,
+        execution_context_manager=PlanOrchestrationContextManager(
+            context_event_generator=orchestration_context_event_generator, job=job, execution_plan=plan,
+            dagster_run=run, instance=instance, run_config=run_config, executor_defs=None,
+            output_capture=output_capture, raise_on_error=True),
+    ))
+    return dg.ExecuteInProcessResult(job_def=ephemeral, event_list=event_list,
+                                     dagster_run=instance.get_run_by_id(run.run_id), output_capture=output_capture)
 
 
 def _defs() -> dg.Definitions:
@@ -69,6 +173,7 @@ def run_leaf_ranges(
     definitions: dg.Definitions,
     wanted: set[str],
     tags: Mapping[str, str] | None = None,
+    events: RunEvents | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
     """One `leaf_utilities_job` run per contiguous range of `wanted` keys in the registered partition order
     (each range is one step, so the base model loads once per range)."""
@@ -76,8 +181,8 @@ def run_leaf_ranges(
     runs = []
     for a, b in driver.partition_ranges(registered, wanted):
         wait_for_pool_slot(instance, log=log.info)
-        runs.append(definitions.resolve_job_def(leaf_utilities_job.name).execute_in_process(
-            instance=instance, tags={**dict(tags or {}), **process_tags(), RANGE_START: a, RANGE_END: b}))
+        runs.append(execute_job(instance, definitions, leaf_utilities_job.name, events=events,
+                                tags={**dict(tags or {}), **process_tags(), RANGE_START: a, RANGE_END: b}))
     return runs
 
 
@@ -101,13 +206,14 @@ def run_harp(
     *,
     leaf_ids: list[str] | None = None,
     tags: Mapping[str, str] | None = None,
+    events: RunEvents | None = None,
 ) -> dict[str, Any]:
     """Materialise the whole graph in order: prepare, the representative leaves (or `leaf_ids`), select,
     then each planned active round (its leaves, then select again).
 
     Returns the stages' Dagster results (`leaf_runs` is a list: one run per partition range, active rounds
     included; `select` is the last selection run, `select_runs` all of them) and their wall `seconds`; it
-    stops after a stage whose run failed.
+    stops after a stage whose run failed. `events` receives Dagster's event records (see `execute_job`).
     """
     definitions = definitions or _defs()
     lineage = _lineage(definitions)
@@ -125,8 +231,8 @@ def run_harp(
     class Failed(Exception):
         pass
 
-    results["prepare"] = timed("prepare", lambda: definitions.resolve_job_def(harp_prepare_job.name)
-                               .execute_in_process(instance=instance, tags=tags))
+    results["prepare"] = timed("prepare", lambda: execute_job(instance, definitions, harp_prepare_job.name,
+                                                              tags=tags, events=events))
     if not results["prepare"].success:
         return results
 
@@ -134,14 +240,14 @@ def run_harp(
         round_tags = tags if not results["select_runs"] else {**tags, "harp/active_round": str(
             len(store.read_plan(lineage)))}
         stage = "leaf_runs" if not results["select_runs"] else "active_leaf_runs"
-        runs = timed(stage, lambda: run_leaf_ranges(instance, definitions, set(leaves), round_tags))
+        runs = timed(stage, lambda: run_leaf_ranges(instance, definitions, set(leaves), round_tags, events))
         results["leaf_runs"].extend(runs)
         if not all(r.success for r in runs):
             raise Failed
 
     def refit(_round: int) -> list[str]:
-        run = timed("select", lambda: definitions.resolve_job_def(harp_select_job.name)
-                    .execute_in_process(instance=instance, tags=tags))
+        run = timed("select", lambda: execute_job(instance, definitions, harp_select_job.name, tags=tags,
+                                                  events=events))
         results["select"] = run
         results["select_runs"].append(run)
         if not run.success:
@@ -162,6 +268,7 @@ def run_validation(
     definitions: dg.Definitions | None = None,
     *,
     tags: Mapping[str, str] | None = None,
+    events: RunEvents | None = None,
 ) -> dict[str, Any]:
     """The exhaustive mode and the validation group, after `run_harp`: measure every leaf not yet measured
     (HARP's own leaves are cached partitions), then run `harp_validation_job`."""
@@ -174,13 +281,12 @@ def run_validation(
     wanted = exhaustive_leaf_ids(lineage)
     register_leaf_partitions(instance, wanted)  # only this mode makes the leaves beyond HARP's partitions
     results["leaf_runs"] = run_leaf_ranges(instance, definitions, set(wanted),
-                                           {**dict(tags or {}), "harp/exhaustive": "true"})
+                                           {**dict(tags or {}), "harp/exhaustive": "true"}, events)
     results["seconds"]["exhaustive_leaf_runs"] = time.perf_counter() - t0
     if not all(r.success for r in results["leaf_runs"]):
         return results
     t0 = time.perf_counter()
     wait_for_pool_slot(instance, log=log.info)  # the validation step trains models in the `gpu` pool too
-    results["validate"] = definitions.resolve_job_def(harp_validation_job.name).execute_in_process(
-        instance=instance, tags=dict(tags or {}))
+    results["validate"] = execute_job(instance, definitions, harp_validation_job.name, tags=tags, events=events)
     results["seconds"]["validate"] = time.perf_counter() - t0
     return results
