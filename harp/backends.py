@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -305,6 +307,26 @@ class LeafWorker:
         return measure_leaf(self.finetuner, self.evaluator, prompts, responses, self.eval_set, seed=seed)
 
 
+_KEPT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+def _signal_dispositions() -> dict[int, Any]:
+    """The process's signal handlers, so a local Ray cluster's native code cannot leave them changed (it can
+    leave SIGTERM ignored, and children would inherit that). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {int(getattr(signal, n)): signal.getsignal(getattr(signal, n)) for n in _KEPT_SIGNALS
+            if hasattr(signal, n)}
+
+
+def _restore_signals(saved: dict[int, Any]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, handler in saved.items():
+        if handler is not None:  # None: set from outside Python; nothing we can put back
+            signal.signal(sig, handler)
+
+
 class RayLeafPool:
     """A pool of `LeafWorker` actors on a Ray cluster, for the duration of a `with` block.
 
@@ -334,6 +356,7 @@ class RayLeafPool:
         self.in_flight: dict[Any, int] = {}
         self.replaced = 0
         self.start_seconds = 0.0
+        self._saved_signals: dict[int, Any] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -343,6 +366,7 @@ class RayLeafPool:
         t0 = time.perf_counter()
         ex = self.execution
         if not ray.is_initialized():
+            self._saved_signals = _signal_dispositions()
             kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False,
                                       "log_to_driver": True}
             if ex.runtime_env:
@@ -375,6 +399,8 @@ class RayLeafPool:
         if self._started_cluster and ray.is_initialized():
             ray.shutdown()
             self._started_cluster = False
+            _restore_signals(self._saved_signals)
+            self._saved_signals = {}
 
     # -- actors --------------------------------------------------------------------------------------------
 
