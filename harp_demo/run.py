@@ -3,8 +3,10 @@
 `python -m harp_demo.run [--pool-size N] [--seed S]` (what `make demo` runs). The demo goes to the
 definitions' default location (`HARP_DEMO_DIR`, else `$DAGSTER_HOME/demo`), is rebuilt only when its
 configuration changes, and the graph runs through `run_harp` on the `DAGSTER_HOME` instance, so a second
-call with nothing changed trains no leaf. The summary is read back from the run results and the lineage
-tables, never recomputed here.
+call with nothing changed trains no leaf. The graph runs as `harp-dagster run` on the demo's files (the same
+code path: input checks, runs under the code location's jobs, progress bars, exports into
+`$DAGSTER_HOME/exports`). The summary is read back from the run results and the lineage tables, never
+recomputed here.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 DEFAULT_POOL_SIZE = 20_000
@@ -131,6 +136,8 @@ def _print_summary(s: dict[str, Any], demo_seconds: float, total_seconds: float)
         print(f"  Dagster overhead        {o['per_partition_seconds']:.3f} s per leaf partition, "
               f"{o['percent_of_train_eval']:.2f}% of the {o['train_eval_seconds']:.1f} s of train-evaluate cycles")
     print(f"  DuckDB catalog          {s['duckdb']}  (open read-only: duckdb -readonly {s['duckdb']})")
+    if s.get("event_log"):
+        print(f"  event log               {s['event_log']}  (Dagster's DEBUG lines of this call)")
 
 
 def _print_validation(vres: dict[str, Any], lineage: Any) -> dict[str, Any]:
@@ -152,6 +159,20 @@ def _print_validation(vres: dict[str, Any], lineage: Any) -> dict[str, Any]:
     return {"results": rows.to_dicts(), "exhaustive": ex, "seconds": vres["seconds"]}
 
 
+def demo_command(home: Path, demo_dir: Path) -> list[str]:
+    """`harp-dagster run`'s arguments on the demo's files (or HARP_POOL, HARP_EVAL, HARP_BASE_MODEL), with the
+    default settings' budget and seed, into the instance `home`; the exports go to `home/exports`."""
+    from harp.config import HarpSettings
+    from harp.sources import PoolSource
+
+    source = PoolSource.from_env_or_demo(demo_dir)
+    settings = HarpSettings()
+    return ["run", "--pool", str(source.resolved_pool_path()), "--eval", str(source.resolved_eval_path()),
+            "--base-model", os.environ.get("HARP_BASE_MODEL") or str(demo_dir / "base_model"),
+            "--budget", str(settings.top_k_points), "--seed", str(settings.seed), "--home", str(home),
+            "--out", str(home / "exports"), "--cpu-threads", os.environ.get("HARP_CPU_THREADS") or "0"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harp_demo.run", description=__doc__.splitlines()[0])
     ap.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE, help="demo pool size (default %(default)s)")
@@ -164,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="then run the validation group: measure every leaf (the exhaustive oracle) and score each "
                     "selection and the full pool on the held-out test split")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     t_start = time.perf_counter()
     try:
         from harp.config import dagster_home, demo_root
@@ -193,32 +213,33 @@ def main(argv: list[str] | None = None) -> int:
 
     import dagster as dg
 
-    from harp_assets.definitions import defs
-    from harp_assets.runner import root_cause, run_harp
+    from harp_assets import cli
+    from harp_assets.console import RunConsole
+    from harp_assets.runner import root_cause
 
-    lineage = defs.resources["lineage"]
-    print(f"materialising the HARP graph on the instance in {home}")
+    argv = demo_command(home, demo_dir)
+    print("materialising the HARP graph: harp-dagster " + shlex.join(argv))
+    try:
+        selected = cli.execute(cli.parser().parse_args(argv))
+    except cli.UsageError as exc:  # bad demo inputs: the contract error the check raised, by its own name
+        shown = root_cause(exc.__context__) if exc.__context__ is not None else str(exc)
+        print(f"error: the HARP pipeline failed: {shown}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a failing step raises out of the run
+        print(f"error: the HARP pipeline failed: {root_cause(exc)}", file=sys.stderr)
+        return 1
+    lineage = selected.definitions.resources["lineage"]
     with dg.DagsterInstance.get() as instance:
-        try:
-            results = run_harp(instance)
-        except Exception as exc:  # a failing step raises out of execute_in_process
-            print(f"error: the HARP pipeline failed: {root_cause(exc)}", file=sys.stderr)
-            return 1
-        for stage in ("prepare", "leaf_runs", "select"):
-            got = results.get(stage)
-            ok = got is not None and (all(r.success for r in got) if isinstance(got, list) else got.success)
-            if not ok:
-                print(f"error: the HARP pipeline stopped at stage {stage!r}; see the run in `make ui`",
-                      file=sys.stderr)
-                return 1
-        summary = summarise(results, lineage, instance)
+        summary = summarise(selected.results, lineage, instance)
+        summary["event_log"] = str(selected.log_file)
         _print_summary(summary, demo_seconds, time.perf_counter() - t_start)
         if args.validate:
             from harp_assets.runner import run_validation
 
             print("validation: measuring every leaf (exhaustive oracle), then each selection on the test split")
             try:
-                vres = run_validation(instance)
+                with RunConsole(home) as console:
+                    vres = run_validation(instance, selected.definitions, events=console.events)
             except Exception as exc:
                 print(f"error: the validation group failed: {root_cause(exc)}", file=sys.stderr)
                 return 1
@@ -226,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("error: the validation group did not finish; see the run in `make ui`", file=sys.stderr)
                 return 1
             summary["validation"] = _print_validation(vres, lineage)
+            print(f"  event log               {console.path}")
     if args.json:
         print(json.dumps({**summary, "demo_seconds": round(demo_seconds, 2)}, sort_keys=True, default=str))
     return 0
