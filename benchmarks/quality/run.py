@@ -188,6 +188,19 @@ class Bench:
         write_npz(path, score=f.scores.score, seconds=np.float64(seconds))
         return f.scores.score, seconds
 
+    # --- offline harness input (benchmarks/quality/harness.py) ---------------------------------------------
+    def write_harness_entry(self, h: Any, seed: int, all_m: dict[int, np.ndarray]) -> Path:
+        """The hierarchy, every leaf's per-question proxy correctness and the base model's, for the harness."""
+        from benchmarks.quality.harness import write_cache_entry
+        from harp import stages
+
+        path = self._cache_file("harness", seed, self.settings.model_dump()).with_suffix(".npz")
+        write_cache_entry(path, h, np.stack([all_m[g] for g in range(h.n_leaves)]),
+                          np.asarray(self.base_proxy.correct), stages.domain_index(self.base_proxy.domains,
+                          self.domains), self.domains, self.settings, seed)
+        return path
+    # --- end of the harness input ----------------------------------------------------------------------------
+
     def shares(self, rows: list[int]) -> dict[str, float]:
         from harp.metrics import kind_shares
 
@@ -207,6 +220,7 @@ class Bench:
         log.info("seed %d: %d leaves, %d representatives; measuring every leaf (the exhaustive oracle)",
                  seed, G, reps.size)
         all_m, cycle = self.measure_all(h, seed)
+        self.write_harness_entry(h, seed, all_m)  # offline harness input (benchmarks/quality/harness.py)
 
         def fit(leaves: np.ndarray):
             leaves = np.unique(np.asarray(leaves, dtype=np.int64))
