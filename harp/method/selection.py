@@ -295,7 +295,7 @@ def harp_select(
     elif greedy.empty_prefix_best:
         first = (
             f"; the best first leaf would change it by {float(greedy.gains[0]):+.4g}"
-            if greedy.gains.size else ""
+            if greedy.gains.size else "; no leaf has a positive posterior mean on any of them"
         )
         notes.append(
             f"the empty prefix is best: on the {int(active.sum())} credible domain(s) no ranked prefix raises the "
