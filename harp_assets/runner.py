@@ -240,6 +240,7 @@ def run_harp(
         round_tags = tags if not results["select_runs"] else {**tags, "harp/active_round": str(
             len(store.read_plan(lineage)))}
         stage = "leaf_runs" if not results["select_runs"] else "active_leaf_runs"
+        register_leaf_partitions(instance, leaves)  # `leaf_ids` beyond HARP's become partitions when asked for
         runs = timed(stage, lambda: run_leaf_ranges(instance, definitions, set(leaves), round_tags, events))
         results["leaf_runs"].extend(runs)
         if not all(r.success for r in runs):
