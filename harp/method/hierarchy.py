@@ -515,6 +515,13 @@ def choose_representatives(
     return np.sort(order[keep]).astype(np.int32)
 
 
+def _choose_representatives(
+    leaf_centroids: np.ndarray, parent_centroids: np.ndarray, parent_of_leaf: np.ndarray, k: int
+) -> np.ndarray:
+    """The reference rule, ``choose_representatives(..., "central")`` (the name the tests use)."""
+    return choose_representatives(leaf_centroids, parent_centroids, parent_of_leaf, k)
+
+
 def build_parent_leaf_hierarchy(
     X_feat: Any,
     *,
