@@ -37,22 +37,36 @@ MAX_NEW_ROUNDS = 100
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 log = logging.getLogger("harp.runner")
-# The code location every run names as its origin: the module workspace.yaml loads (its location name too).
+# The code location every run names as its origin: the one workspace.yaml loads for the UI (`make ui`).
 CODE_LOCATION = "harp_assets.definitions"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKSPACE = REPO_ROOT / "workspace.yaml"
+
+
+def code_location_origin() -> Any:
+    """The code location's origin exactly as the UI's workspace builds it from workspace.yaml (its location
+    name included, `harp_assets.definitions:defs`); the module's own origin where that file is absent."""
+    from dagster._core.workspace.load import (
+        location_origin_from_module_name,
+        location_origins_from_yaml_paths,
+    )
+
+    if WORKSPACE.is_file():
+        for origin in location_origins_from_yaml_paths([str(WORKSPACE)]):
+            if getattr(origin.loadable_target_origin, "module_name", None) == CODE_LOCATION:
+                return origin
+    return location_origin_from_module_name(CODE_LOCATION, "defs", str(REPO_ROOT))
 
 
 def job_origins(job_name: str) -> tuple[Any, Any]:
-    """The remote (code-location) and Python origins of `job_name` in this project's code location, as the UI's
-    workspace builds them: the remote one is what puts a run under its job (the `.dagster/repository` tag)."""
+    """The remote (code-location) and Python origins of `job_name` in this project's code location: the remote
+    one is what lists a run under its job in the UI (the hidden repository tag it filters by)."""
     from dagster._core.definitions.reconstruct import ReconstructableRepository
     from dagster._core.definitions.repository_definition.valid_definitions import SINGLETON_REPOSITORY_NAME
     from dagster._core.origin import JobPythonOrigin
     from dagster._core.remote_origin import RemoteJobOrigin, RemoteRepositoryOrigin
-    from dagster._core.workspace.load import location_origin_from_module_name
 
-    location = location_origin_from_module_name(CODE_LOCATION, "defs", str(REPO_ROOT), CODE_LOCATION)
-    remote = RemoteJobOrigin(RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME), job_name)
+    remote = RemoteJobOrigin(RemoteRepositoryOrigin(code_location_origin(), SINGLETON_REPOSITORY_NAME), job_name)
     python = JobPythonOrigin(job_name, ReconstructableRepository.for_module(
         CODE_LOCATION, "defs", str(REPO_ROOT)).get_python_origin())
     return remote, python
