@@ -1,4 +1,5 @@
-"""Pictures in asset metadata: the greedy gain curve, the posterior sd of measured and inferred leaves."""
+"""Pictures in asset metadata: the greedy gain curve, the predicted utility with its band, the composition by
+region and domain, the posterior sd of measured and inferred leaves."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ def test_selections_and_posteriors_carry_their_plots(tiny_pipeline):
     for method in ("harp_c", "harp_e"):
         md = metadata(select, f"{method}_selection")
         assert _png(md["gain_curve"], "greedy gain curve").startswith(PNG)
+        assert _png(md["predicted_utility"], "predicted utility per domain with its band").startswith(PNG)
         assert isinstance(md["saturated_domains"], list)
+    for method in ("harp_c", "harp_e", "tsds", "random"):
+        md = metadata(select, f"{method}_selection")
+        assert _png(md["composition"], "selection composition by region and domain").startswith(PNG)
     post = metadata(select, "phi_posteriors")
     assert _png(post["posterior_sd_measured_vs_inferred"], "posterior sd, measured and inferred").startswith(PNG)
     assert _png(post["phi_heatmap"], "phi heatmap").startswith(PNG)
