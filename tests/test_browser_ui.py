@@ -37,7 +37,7 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session scope: checked before the tiny pipeline is built
 def chromium() -> str:
     """The system's Chromium (Debian's `chromium` package): Playwright is pointed at it, never downloads one."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
