@@ -226,7 +226,8 @@ def evaluate(
 
 
 def summarise(rows: Sequence[dict]) -> list[dict]:
-    """Per (variant, envelope): mean and sd of the share over entries and splits, mean runs; best first."""
+    """Per (variant, envelope): mean and sd of the share over entries and splits (splits where the oracle
+    gained nothing have no share), mean gains and runs; best first."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["envelope"]), []).append(r)
@@ -244,7 +245,9 @@ def summarise(rows: Sequence[dict]) -> list[dict]:
             "leaves": float(np.mean([r["leaves"] for r in rs])),
             "seconds": float(np.sum([r["seconds"] for r in rs])),
         })
-    return sorted(out, key=lambda r: (r["envelope"], -np.nan_to_num(r["share_mean"], nan=-np.inf), r["variant"]))
+    # Best first by share; where the oracle gained nothing (share undefined) by the raw gain.
+    return sorted(out, key=lambda r: (r["envelope"], -np.nan_to_num(r["share_mean"], nan=-np.inf),
+                                      -r["gain_mean"], r["variant"]))
 
 
 def markdown(summary: Sequence[dict]) -> str:
