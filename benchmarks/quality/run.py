@@ -206,6 +206,17 @@ class Bench:
 
         return kind_shares([self.ids[r] for r in rows], self.truth, ("harmful", "redundant"))
 
+    def measure_seed(self, seed: int) -> tuple[Any, tuple[dict[int, np.ndarray], np.ndarray], Path]:
+        """The seed's hierarchy, every leaf measured (cached), and the offline harness's entry for it."""
+        from harp import stages
+
+        h = stages.build_hierarchy(self.X, seed=seed, config=self.settings.hierarchy_config())
+        log.info("seed %d: %d leaves, %d representatives; measuring every leaf (the exhaustive oracle)",
+                 seed, h.n_leaves, len(h.representatives))
+        measured = self.measure_all(h, seed)
+        entry = self.write_harness_entry(h, seed, measured[0])  # offline harness input (harness.py)
+        return h, measured, entry
+
     def run_seed(self, seed: int) -> tuple[list[dict], dict]:
         from harp import driver, stages
         from harp.method.envelopes import active_domains
@@ -214,13 +225,9 @@ class Bench:
 
         cfg, s = self.cfg, self.settings
         t_seed = time.perf_counter()
-        h = stages.build_hierarchy(self.X, seed=seed, config=s.hierarchy_config())
+        h, (all_m, cycle), _ = self.measure_seed(seed)
         G = h.n_leaves
         reps = np.asarray(h.representatives, dtype=np.int64)
-        log.info("seed %d: %d leaves, %d representatives; measuring every leaf (the exhaustive oracle)",
-                 seed, G, reps.size)
-        all_m, cycle = self.measure_all(h, seed)
-        self.write_harness_entry(h, seed, all_m)  # offline harness input (benchmarks/quality/harness.py)
 
         def fit(leaves: np.ndarray):
             leaves = np.unique(np.asarray(leaves, dtype=np.int64))
@@ -336,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--validation-epochs", type=int, default=None, help="override the validation recipe's epochs")
     ap.add_argument("--demo-dir", default=None, help="demo folder (default demo_data/bench; the base model is reused across pool sizes)")
     ap.add_argument("--out", default="reports/benchmark", help="report folder (default %(default)s)")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="only measure every leaf and write the offline harness's entries (no selection, no "
+                         "validation): the input of benchmarks/quality/harness.py")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -352,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give at least one seed and budget denominator (each >= 1), and --main among --budgets",
               file=sys.stderr)
         return 2
+    if args.measure_only:
+        bench = Bench(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out))
+        for seed in cfg.seeds:
+            print(f"harness entry: {bench.measure_seed(seed)[2]}")
+        return 0
     paths = run_benchmark(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out))
     print(f"benchmark report: {paths['README.md']}")
     return 0
