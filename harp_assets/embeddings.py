@@ -9,6 +9,7 @@ import numpy as np
 
 from harp import store
 from harp.io import write_npz
+from harp.progress import Progress
 from harp.stages import embed_text
 from harp_assets.groups import PREPARE
 from harp_assets.sources import pool_examples
@@ -38,7 +39,9 @@ def example_embeddings(
             cached = {(i, h): k for k, (i, h) in enumerate(zip(z["example_ids"].tolist(), z["text_hashes"].tolist(), strict=True))}
     missing = [k for k, key in enumerate(zip(ids, hashes, strict=True)) if key not in cached]
     t0 = time.perf_counter()
-    new = embedder.embed([texts[k] for k in missing]) if missing else None
+    loop = Progress(len(missing), context.log, what="embedded text", plural="texts")
+    new = embedder.embed([texts[k] for k in missing], on_progress=lambda p: loop.advance(p.done - loop.count)) \
+        if missing else None
     seconds = time.perf_counter() - t0
     ok = np.ones(len(ids), dtype=bool)
     if new is not None:  # a vector that is not finite or is all zeros never enters the cache

@@ -169,7 +169,9 @@ def selection_validation(
     now = dt.datetime.now(dt.timezone.utc)
     vid = f"validation-{now:%Y%m%dT%H%M%S}-{sha16(context.run.run_id)[:8]}"
     frames, summary = [], []
-    for k, (method, sid, ids) in enumerate(sets, start=1):
+    loop = stages.Progress(len(sets), context.log, what="validation finetune", plural="finetunes",
+                           total_weight=sum(len(ids) for _m, _s, ids in sets), weight_unit="examples")
+    for method, sid, ids in sets:
         absent = [e for e in ids if e not in by_id]
         if absent:
             raise ValueError(f"{method} selection {sid} names {len(absent)} example(s) not in the pool "
@@ -193,8 +195,8 @@ def selection_validation(
         }, schema_overrides={"examples": pl.Int32, "seed": pl.Int64, "selection_id": pl.String,
                              "harmful_share": pl.Float64, "redundant_share": pl.Float64,
                              "created_at": pl.Datetime("us", "UTC")}))
-        context.log.info(f"validation {k}/{len(sets)}: {method} ({len(ids)} examples) -> test accuracy "
-                         f"{acc:.3f} (base {base_mean:.3f}), {m.seconds:.1f} s")
+        loop.step(f"{method}, {len(ids)} examples -> test accuracy {acc:.3f} (base {base_mean:.3f}), "
+                  f"{m.seconds:.1f} s", weight=len(ids))
     lineage.append_run("validation_results", vid, pl.concat(frames))
     lineage.refresh_catalog()
     oracle = next((r["accuracy"] for r in summary if r["method"] == "exhaustive"), None)

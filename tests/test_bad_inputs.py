@@ -137,7 +137,7 @@ class _FlakyEmbedder:
 
     model_id = "flaky-test-embedder"
 
-    def embed(self, texts):
+    def embed(self, texts, on_progress=None):
         import numpy as np
 
         out = np.zeros((len(texts), 4), dtype=np.float32)

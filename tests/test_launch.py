@@ -94,14 +94,20 @@ def test_runs_are_the_code_locations_and_listed_under_their_jobs(tiny_pipeline, 
 
 @pytest.mark.slow
 def test_the_console_shows_bars_and_the_log_file_gets_the_events(tiny_pipeline, tmp_path):
+    """From scratch (a fresh instance): embedding and leaf training report count, rate and time left."""
     out = io.StringIO()
-    with copy_of(tiny_pipeline, tmp_path) as p, RunConsole(tmp_path / "home", stream=out, bars=True) as console:
+    with copy_of(tiny_pipeline, tmp_path, fresh_instance=True) as p, \
+            RunConsole(tmp_path / "home", stream=out, bars=True) as console:
         results = run_harp(p.instance, p.defs, events=console.events)
+        stored = [e.user_message for e in p.instance.all_logs(results["prepare"].run_id)]
     assert results["prepare"].success and results["select"].success
+    # in Dagster's own event log (what the UI shows): the embedding loop's count, rate and time left
+    assert any(m.startswith("embedded text 400/400; ") and "texts/s, about" in m for m in stored), stored
     shown = out.getvalue()
     # one bar per run, with its steps, and one per loop fed by harp.progress (count, rate, time left)
     assert "prepare: " in shown and " steps |" in shown and "select: " in shown
     assert "leaf partition: 100%|" in shown and "partitions/s, about" in shown
+    assert "embedded text: 100%|" in shown and "texts/s, about" in shown
     # one line per finished run; never Dagster's raw event lines
     assert [line.split()[:2] for line in console.runs] == [
         ["prepare", "done"], *[["leaves", "done"]] * len(results["leaf_runs"]),
@@ -111,4 +117,5 @@ def test_the_console_shows_bars_and_the_log_file_gets_the_events(tiny_pipeline, 
     for result in (results["prepare"], *results["leaf_runs"], results["select"]):
         assert f"{result.run_id} - " in log and "STEP_SUCCESS" in log
     assert log.count("RUN_START") == 1 + len(results["leaf_runs"]) + len(results["select_runs"])
-    assert "leaf partition 1/" in log  # the stage's own progress line, at INFO in the Dagster log
+    # the stages' own progress lines, at INFO in the Dagster log
+    assert "leaf partition 1/" in log and "partitions/s, about" in log and "embedded text 400/400; " in log
