@@ -215,3 +215,75 @@ def test_diff_composition_and_summary_line() -> None:
         "code": {"predicted": 0.6, "low": 0.5, "high": 0.7, "unclipped": 0.6, "saturated": False, "active": False}})
     assert line == ("math=1.000 [0.950, 1.000] SATURATED (sum 1.85 clipped to 1), "
                     "code=0.600 [0.500, 0.700] (not credible)  (90% band)")
+
+
+# -- on the materialised tiny pipeline ----------------------------------------------------------------------
+
+
+def _rows(lineage: LineageStore, sid: str) -> set[str]:
+    got = lineage.read_partition("selections", sid)
+    return set() if got is None else set(got["example_id"].to_list())
+
+
+@pytest.mark.slow
+def test_reselection_reports_its_diff_and_an_empty_one_says_why(tiny_pipeline, tmp_path: Path) -> None:
+    """Re-select at budget 60 (the first run used 100), then with no credible domain (z_active huge)."""
+    import base64
+
+    from helpers import BUDGET, copy_of, metadata, pipeline_defs, pipeline_resources
+
+    first = {m: metadata(tiny_pipeline.results["select"], f"{m}_selection") for m in ("harp_c", "harp_e", "random")}
+    with copy_of(tiny_pipeline, tmp_path / "copy", settings={"top_k_points": 60}) as copy:
+        lineage = copy.lineage
+        again = copy.defs.resolve_job_def("harp_select_job").execute_in_process(instance=copy.instance)
+        assert again.success
+        for method, before in first.items():
+            md = metadata(again, f"{method}_selection")
+            old, new = _rows(lineage, before["selection_id"]), _rows(lineage, md["selection_id"])
+            assert md["previous_selection_id"] == before["selection_id"]
+            assert (md["examples_added"], md["examples_removed"], md["examples_kept"]) == (
+                len(new - old), len(old - new), len(new & old))
+            view = dict(lineage.query("SELECT change, count(*) AS n FROM selection_diff WHERE method = $m "
+                                      "GROUP BY change", {"m": method}).rows())
+            assert view == {k: v for k, v in (("added", len(new - old)), ("removed", len(old - new)),
+                                              ("kept", len(new & old))) if v}
+            assert sum(sum(r.values()) for r in md["composition_by_region"].values()) == md["selected"] == len(new)
+            png = md["composition"].split("base64,", 1)[1].rstrip(")")
+            assert base64.b64decode(png).startswith(b"\x89PNG")
+        # Random draws one permutation per seed: the first 60 of the same 100.
+        rnd = metadata(again, "random_selection")
+        assert (rnd["examples_added"], rnd["examples_removed"], rnd["examples_kept"]) == (0, BUDGET - 60, 60)
+        for method in ("harp_c", "harp_e"):
+            md = metadata(again, f"{method}_selection")
+            pred = md["predicted_per_domain"]
+            assert all(p["low"] <= p["predicted"] <= p["high"] for p in pred.values())
+            assert md["saturated_domains"] == [d for d, p in pred.items() if p["unclipped"] >= 1.0 - 1e-9]
+            was = {d: p["predicted"] for d, p in first[method]["predicted_per_domain"].items()}
+            assert md["predicted_change_by_domain"] == {  # each figure rounded to 4 places on its own
+                d: {"before": was[d], "after": p["predicted"], "change": pytest.approx(p["predicted"] - was[d],
+                                                                                         abs=1.5e-4)}
+                for d, p in pred.items()}
+            # One query: every selected example, with its leaf's path, posterior, greedy rank and the cut.
+            ex = lineage.query("SELECT * FROM selection_explanations WHERE method = $m", {"m": method})
+            assert set(ex["example_id"].to_list()) == _rows(lineage, md["selection_id"])
+            assert ex["before_cut"].to_list() == [True] * ex.height and ex["region_id"].null_count() == 0
+            assert set(ex["phi_source"].to_list()) <= {"measured", "inferred"}
+            assert ex["leaf_greedy_rank"].max() <= md["cut_index"]
+            leaves = lineage.query("SELECT count(*) FILTER (WHERE before_cut) AS kept, count(*) AS ranked "
+                                   "FROM selection_leaves WHERE method = $m", {"m": method}).row(0)
+            assert leaves == (md["cut_index"], md["leaves_ranked"])
+
+        # No domain is credible at z = 1e9: HARP-C selects nothing, and says why.
+        settings = {"top_k_points": 60, "z_active": 1e9}
+        defs = pipeline_defs(pipeline_resources(copy.root, settings=settings))
+        empty = defs.resolve_job_def("harp_select_job").execute_in_process(instance=copy.instance)
+        assert empty.success
+        md = metadata(empty, "harp_c_selection")
+        assert md["selected"] == 0 and md["empty_selection"] is True and "no active domain" in md["empty_reason"]
+        assert md["examples_removed"] == len(_rows(lineage, metadata(again, "harp_c_selection")["selection_id"]))
+        newest = lineage.query("SELECT newer_selection_id AS s FROM selection_pairs WHERE method = 'harp_c'")
+        assert newest["s"].to_list() == [md["selection_id"]]
+        note = lineage.query("SELECT DISTINCT note FROM selection_predictions WHERE selection_id = $s",
+                             {"s": md["selection_id"]})
+        assert note["note"].to_list() == [md["empty_reason"]]
+        assert lineage.query("SELECT count(*) AS n FROM selection_explanations WHERE method = 'harp_c'")["n"][0] == 0
