@@ -260,14 +260,14 @@ def tsds_selection(
     context: dg.AssetExecutionContext, settings: SettingsResource, embedder: EmbedderResource,
     lineage: LineageResource,
 ) -> dg.MaterializeResult:
-    """TSDS baseline: pool examples drawn towards the proxy eval prompts (the queries), at the same budget."""
+    """TSDS baseline: pool examples drawn towards the proxy eval items (prompt and answer: the queries), at the same budget."""
     t0 = time.perf_counter()
     ids, X, model_id = store.load_embeddings(lineage)
     if model_id != embedder.model_id:
         raise ValueError(f"pool embeddings come from {model_id}, the embedder is {embedder.model_id}: "
                          "materialise example_embeddings again")
     eval_set, _ = store.load_eval_artifact(lineage)
-    Q = embedder.embed(eval_set["prompt"].to_list())
+    Q = embedder.embed(stages.eval_item_texts(eval_set))  # queries embedded as candidates: prompt + answer
     excluded = excluded_ids(settings, lineage)
     keep = ~np.isin(ids, list(excluded)) if excluded else np.ones(len(ids), dtype=bool)
     ids, X = ids[keep], X[keep]  # the candidates: the pool without the examples the guard flagged

@@ -221,3 +221,13 @@ def test_k_kde_is_capped_at_a_tenth_of_the_pool():
     assert res.K_kde == 10
     assert (res.neighbor_kde == 10.0).all()
     np.testing.assert_array_equal(res.p, tsds_run(X, Q, alpha=0.5, C=1.0, sigma=1.0, K=10, K_kde=10).p)
+
+
+def test_tsds_queries_are_embedded_like_candidates():
+    import polars as pl
+
+    from harp import stages
+
+    ev = pl.DataFrame({"prompt": ["2+2=", "capital of France?"], "answer_text": ["4", "Paris"]})
+    assert stages.eval_item_texts(ev) == [stages.embed_text("2+2=", "4"), stages.embed_text("capital of France?", "Paris")]
+    assert stages.eval_item_texts(ev)[1] == "capital of France?\nParis"
