@@ -50,7 +50,9 @@ demo-data: setup
 	$(PY) -m harp_demo.build --out "$${HARP_DEMO_DIR:-$(DAGSTER_HOME)/demo}" --pool-size $(DEMO_POOL) \
 		--seed $(DEMO_SEED) $(DEMO_BUILD_FLAGS)
 
-# Build the demo, materialise the whole graph and print the summary (selections, utilities, runs, timings).
+# Build the demo, then `harp-dagster run` on its files (pool, eval set, base model; the default budget) into
+# DAGSTER_HOME, with progress bars, and print the summary (selections, utilities, runs, timings, event log).
+# The runs show under their jobs in `make ui`; Dagster's event lines go to dagster_home/logs/.
 demo: setup
 	$(PY) -m harp_demo.run --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
 
