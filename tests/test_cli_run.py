@@ -43,6 +43,19 @@ def test_own_data_in_finetuning_ready_selections_out(own_files):
     got = _cli(*args)
     assert got.returncode == 0, got.stderr[-3000:]
     assert (f["home"] / "dagster.yaml").is_file()  # a new home gets the project's instance config
+    # the console: one line per run (no terminal, so no bars) and never Dagster's raw event lines; those are in
+    # the log file the summary names, under the home
+    assert "DEBUG" not in got.stderr and "RUN_START" not in got.stderr, got.stderr[-3000:]
+    assert any(line.startswith("prepare    done") for line in got.stderr.splitlines()), got.stderr[-3000:]
+    log = Path(got.stdout.strip().splitlines()[-1].rsplit(" in ", 1)[1])
+    assert log.parent == f["home"] / "logs" and log.read_text().count("RUN_START") >= 3
+    # the runs are the code location's: the UI lists them under their jobs (tests/test_launch.py)
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(f["home"])) as instance:
+        runs = instance.get_runs()
+        assert {r.job_name for r in runs} == {"harp_prepare_job", "leaf_utilities_job", "harp_select_job"}
+        assert all(r.remote_job_origin is not None for r in runs)
     manifest = json.loads((f["out"] / "manifest.json").read_text())
     assert set(manifest["methods"]) == {"harp_c", "harp_e", "tsds", "random"}
     assert manifest["budget"] == 100 and manifest["leaves_trained_this_call"] > 0
