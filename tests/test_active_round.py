@@ -328,6 +328,10 @@ def test_active_round_sensor_requests_the_planned_leaves_of_a_chained_selection(
     asked = tick(active_sensor, chained)
     assert asked.run_requests and all(r.job_name == "leaf_utilities_job" for r in asked.run_requests)
     registered = instance.get_dynamic_partitions("leaves")
+    # the plan registered its picks behind HARP's earlier leaves: the registry is HARP's leaves only
+    planned_table = load_leaf_table(lineage)
+    reps = sorted(planned_table.leaf_ids[planned_table.representative].tolist())
+    assert registered == reps + rounds[0]["leaves"] + second
     covered = {k for r in asked.run_requests
                for k in registered[registered.index(r.tags[RANGE_START]):registered.index(r.tags[RANGE_END]) + 1]}
     assert covered == set(second)

@@ -9,6 +9,7 @@ import pytest
 from helpers import BUDGET, GROWTH, POOL, copy_of, leaf_events, metadata, trained_leaves
 
 from harp.driver import partition_ranges
+from harp.store import harp_leaves
 from harp_assets.definitions import defs
 from harp_assets.runner import run_harp
 
@@ -45,9 +46,9 @@ def test_whole_graph_materialises_and_is_queryable(pipeline):
     hier = metadata(res["prepare"], "leaf_hierarchy")
     reps = hier["representatives"]
     assert hier["leaves"] > reps >= 2
-    # leaf partitions: registered for every leaf, representatives first; one run covers them all
+    # leaf partitions: HARP's leaves only (the representatives here: no active round); one run covers them all
     keys = inst.get_dynamic_partitions("leaves")
-    assert len(keys) == hier["leaves"]
+    assert len(keys) == reps == hier["registered_partitions"]
     assert len(res["leaf_runs"]) == 1
     events = leaf_events(res["leaf_runs"])
     assert len(trained_leaves(res["leaf_runs"])) == reps == len(events)
@@ -92,7 +93,7 @@ def test_whole_graph_materialises_and_is_queryable(pipeline):
     seconds = lineage.query("SELECT seconds_json FROM run_manifests")["seconds_json"][0]
     assert '"leaf_hierarchy"' in seconds and '"tsds_selection"' in seconds
     why = lineage.query("SELECT * FROM selections WHERE method = 'random' LIMIT 1")
-    assert why["leaf_id"][0] in keys
+    assert why["leaf_id"][0] in set(lineage.read_table("leaves")["leaf_id"].to_list())
 
 
 def test_harp_selects_helpful_leaves_and_no_harmful_example(pipeline):
@@ -162,7 +163,9 @@ def test_pool_growth_keeps_measured_leaves_exact_and_trains_none(pipeline):
     post = lineage.query("SELECT leaf_id, bool_or(measured) AS m FROM phi_posteriors GROUP BY leaf_id")
     inferred = dict(zip(post["leaf_id"].to_list(), post["m"].to_list(), strict=True))
     assert all(inferred[d] is False for d in deltas)
-    assert set(pipeline.instance.get_dynamic_partitions("leaves")) == set(after)
+    # the partitions stay HARP's leaves (the measured ones among them): the delta leaves are not registered
+    registered = set(pipeline.instance.get_dynamic_partitions("leaves"))
+    assert registered == harp_leaves(lineage) | (measured & set(after)) and not registered & set(deltas)
     assert lineage.query("SELECT count(*) AS n FROM examples")["n"][0] == POOL + GROWTH
     assert lineage.query("SELECT count(*) AS n FROM phi_posteriors WHERE NOT isfinite(mean)")["n"][0] == 0
 

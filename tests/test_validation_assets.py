@@ -11,6 +11,7 @@ from helpers import BUDGET, POOL, TinyPipeline, copy_of, metadata, pipeline_defs
 from harp import store
 from harp.metrics import kind_shares, load_ground_truth
 from harp_assets.runner import run_validation
+from harp_assets.validation import exhaustive_leaf_ids
 from harp_resources import SettingsResource, ValidationResource
 
 pytestmark = pytest.mark.slow
@@ -77,6 +78,16 @@ def test_exhaustive_mode_trains_only_the_unmeasured_leaves(validated):
     r = validated["resources"]
     versions = store.leaf_versions(lineage, r["finetuner"], r["evaluator"], r["settings"].seed)
     assert all(store.stored_version(lineage, leaf) == versions[leaf] for leaf in table.leaf_ids.tolist())
+    # only the exhaustive mode registers the leaves beyond HARP's: every leaf is a partition now, HARP's first,
+    # and each of the others' pages says the exhaustive mode measured it
+    registered = validated["instance"].get_dynamic_partitions("leaves")
+    assert registered == exhaustive_leaf_ids(lineage) and sorted(registered) == sorted(table.leaf_ids.tolist())
+    assert set(registered[:reps]) == validated["measured_by_harp"]
+    for leaf in trained:
+        mat = validated["instance"].fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("leaf_utilities"), asset_partitions=[leaf]), limit=1
+        ).records[0].asset_materialization
+        assert mat.metadata["measured_because"].value == "exhaustive" and mat.metadata["trained"].value is True
     md = _md(res["validate"], "exhaustive_selection")
     assert md["train_eval_runs"] == table.n_leaves
     assert md["harp_leaves_measured"] == reps
