@@ -268,11 +268,25 @@ def execute(args: argparse.Namespace, *, stream: TextIO | None = None, bars: boo
                     log_file=console.path)
 
 
+def _selection_metadata(select_run: Any, method: str) -> dict[str, Any]:
+    """The metadata of `method`'s selection in the last selection run (empty when it did not run)."""
+    if select_run is None:
+        return {}
+    mats = select_run.asset_materializations_for_node(f"{method}_selection")
+    return {k: v.value for k, v in mats[0].metadata.items()} if mats else {}
+
+
 def run(args: argparse.Namespace) -> int:
     """`harp-dagster run`: `execute`, then the summary on stdout."""
     got = execute(args)
+    select = got.results.get("select")
     for method, f in got.manifest["methods"].items():
         print(f"  {method:<8} {f['examples']:>7} examples -> {got.out / f['parquet']}")
+        md = _selection_metadata(select, method)
+        if md.get("predicted_summary"):  # HARP's prediction per domain, with its band; saturation said
+            print(f"  {'':<8} predicted {md['predicted_summary']}")
+        if md.get("empty_reason"):
+            print(f"  {'':<8} empty: {md['empty_reason']}")
     print(f"harp-dagster: done in {got.info['seconds']} s, {got.info['leaves_trained_this_call']} leaves trained "
           f"this call; manifest {got.out / 'manifest.json'}")
     print(f"harp-dagster: Dagster's event log of this call in {got.log_file}")

@@ -48,6 +48,12 @@ def test_own_data_in_finetuning_ready_selections_out(own_files):
     assert "DEBUG" not in got.stderr and "RUN_START" not in got.stderr, got.stderr[-3000:]
     assert any(line.startswith("prepare    done") for line in got.stderr.splitlines()), got.stderr[-3000:]
     log = Path(got.stdout.strip().splitlines()[-1].rsplit(" in ", 1)[1])
+    # HARP's selections come with their prediction per domain and its band (saturation said, never a bare 1.0)
+    out_lines = got.stdout.splitlines()
+    for method in ("harp_c", "harp_e"):
+        at = next(i for i, line in enumerate(out_lines) if line.strip().startswith(method))
+        follow = out_lines[at + 1].strip()
+        assert (follow.startswith("predicted ") and "[" in follow) or follow.startswith("empty: "), got.stdout
     assert log.parent == f["home"] / "logs" and log.read_text().count("RUN_START") >= 3
     # the runs are the code location's: the UI lists them under their jobs (tests/test_launch.py)
     import dagster as dg
