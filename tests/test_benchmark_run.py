@@ -21,7 +21,7 @@ METHODS = {"harp_c", "harp_e", "harp_active", "exhaustive", "less", "tsds", "ran
 def report(tmp_path_factory, torch_one_thread_module):
     root = tmp_path_factory.mktemp("bench")
     cfg = BenchConfig(pool_size=300, seeds=(0,), denominators=(6, 3), main_denominator=3, active_runs=1,
-                      active_rounds=1, envelope="expansive", validation_epochs=1)
+                      active_rounds=1, envelope="expansive", validation_epochs=1, validation_seeds=2)
     settings = HarpSettings(leaf_size=30, leaves_per_parent=5, parents_per_region=2, n_representatives=1,
                             n_boot=30, tsds_K=10, tsds_K_kde=10)
     kw = dict(base_model=TINY_BASE, embedder=Embedder(device="cpu", max_length=32), threads=1,
@@ -53,6 +53,21 @@ def test_every_method_and_budget_is_validated(report):
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["examples"] <= r["budget"]
         assert set(r["per_domain"]) == set(report["results"]["config"]["domains"])
         assert 0.0 <= r["harmful_share"] <= 1.0 and 0.0 <= r["redundant_share"] <= 1.0
+        assert r["validation_runs"] == 2 and r["validation_sd"] >= 0.0
+
+
+def test_accuracy_is_the_mean_of_the_validation_seeds(report):
+    """Each record's accuracy is the mean of its LoRA runs on seeds s and s + 1000 (cached one by one)."""
+    cache = report["root"] / "out" / "cache"
+    runs = {}
+    for path in cache.glob("validation-seed*.json"):
+        got = json.loads(path.read_text())
+        runs.setdefault(path.name.split("-")[1], []).append(got["accuracy"])
+    assert set(runs) == {"seed0", "seed1000"}
+    full = next(r for r in report["results"]["records"] if r["method"] == "full")
+    # the full pool's two runs are in the cache; their mean is its record
+    means = {(a + b) / 2 for a in runs["seed0"] for b in runs["seed1000"]}
+    assert any(abs(full["test_accuracy"] - m) < 1e-12 for m in means)
 
 
 def test_costs_are_charged_per_method(report):

@@ -34,6 +34,7 @@ from harp.io import write_json, write_npz
 log = logging.getLogger("harp.benchmark")
 
 DEFAULT_POOL = 10_000
+DEFAULT_VALIDATION_SEEDS = 3
 LESS_WARMUP = 0.05  # the share of the pool LESS warms its adapter up on, as its reference does
 LESS_DIM = 1024  # LESS's gradient sketch dimension
 DEFAULT_SEEDS = (0, 1, 2)
@@ -54,6 +55,11 @@ class BenchConfig:
     envelope: str = "expansive"  # of harp_active and the exhaustive oracle
     validation_epochs: int | None = None  # None: the recipe in demo.build.VALIDATION_LORA
     demo_seed: int = 0
+    # LoRA validation runs per selection (seeds seed, seed + 1000, ...): their mean is the record's accuracy.
+    validation_seeds: int = DEFAULT_VALIDATION_SEEDS
+    # The HARP method options of HARP-C / HARP-E / active rounds (a name of benchmarks.quality.harness.VARIANTS);
+    # the exhaustive oracle stays on the reference model.
+    variant: str = "reference"
 
     def budgets(self) -> list[int]:
         return [max(1, round(self.pool_size / d)) for d in self.denominators]
@@ -96,7 +102,13 @@ class Bench:
         self.eval_set = load_eval_set(paths.eval_set)
         self.test_set = load_eval_set(paths.test_set)
         self.truth = load_ground_truth(paths.ground_truth)
-        self.settings = settings or HarpSettings()
+        if settings is None:
+            from benchmarks.quality.harness import VARIANTS
+
+            if cfg.variant not in VARIANTS:
+                raise ValueError(f"unknown variant {cfg.variant!r}; one of {', '.join(VARIANTS)}")
+            settings = HarpSettings(**VARIANTS[cfg.variant])
+        self.settings = settings
         val_recipe = dict(VALIDATION_LORA)
         if cfg.validation_epochs is not None:
             val_recipe["epochs"] = cfg.validation_epochs
@@ -229,13 +241,13 @@ class Bench:
         G = h.n_leaves
         reps = np.asarray(h.representatives, dtype=np.int64)
 
-        def fit(leaves: np.ndarray):
+        def fit(leaves: np.ndarray, options: Any = None):
             leaves = np.unique(np.asarray(leaves, dtype=np.int64))
             f = driver.fit_posteriors(h, {int(g): all_m[int(g)] for g in leaves}, self.base_proxy, self.domains,
-                                      n_boot=s.n_boot, seed=seed)
+                                      n_boot=s.n_boot, seed=seed, options=options)
             return f.posteriors, f.effects, float(cycle[leaves].sum()) + f.seconds
 
-        post_all, eff_all, cost_all = fit(np.arange(G))
+        post_all, eff_all, cost_all = fit(np.arange(G))  # the oracle: every leaf, the reference model
         # Representatives, then active rounds, through the one round driver; every leaf is already measured
         # (the oracle's data), so `measure` only records what each round adds and charges its cycles.
         plan = s.model_copy(update={"active_runs": cfg.active_runs, "active_rounds": cfg.active_rounds,
@@ -247,7 +259,7 @@ class Bench:
             measured.extend(int(g) for g in leaves)
 
         def refit(_round: int) -> list[int]:
-            fitted.append(fit(np.asarray(measured)))
+            fitted.append(fit(np.asarray(measured), s.posterior_options()))
             if _round >= cfg.active_rounds:
                 return []
             return driver.plan_active_round(fitted[-1][0], self.b, h, plan).leaves.tolist()
@@ -273,7 +285,12 @@ class Bench:
         records: list[dict] = []
 
         def add(method: str, budget: int, rows: list[int], runs: int, select_seconds: float, **extra: Any) -> None:
-            per, acc, secs = self.validate(rows, seed)
+            runs_v = [self.validate(rows, seed + 1000 * k) for k in range(cfg.validation_seeds)]
+            per = {d: float(np.mean([r[0][d] for r in runs_v])) for d in self.domains}
+            accs = [r[1] for r in runs_v]
+            acc, secs = float(np.mean(accs)), float(sum(r[2] for r in runs_v))
+            extra = {**extra, "validation_runs": len(accs),
+                     "validation_sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0}
             sh = self.shares(rows)
             records.append({
                 "method": method, "budget": int(budget), "budget_fraction": budget / len(self.ids),
@@ -285,9 +302,11 @@ class Bench:
                      "redundant %.2f, %d runs", seed, method + (f"/r{extra['round']}" if "round" in extra else ""),
                      budget, len(rows), acc, self.base_test, sh["harmful"], sh["redundant"], runs)
 
-        def harp_rows(p: Any, envelope: str, budget: int) -> tuple[list[int], float]:
+        def harp_rows(p: Any, envelope: str, budget: int, oracle: bool = False) -> tuple[list[int], float]:
             t = time.perf_counter()
-            sel = stages.select_harp(p, self.b, h, envelope=envelope, top_k_points=budget, z_active=s.z_active)
+            risk = {} if oracle else s.selection_options()
+            sel = stages.select_harp(p, self.b, h, envelope=envelope, top_k_points=budget, z_active=s.z_active,
+                                     **risk)
             return sel.example_rows.tolist(), time.perf_counter() - t
 
         for budget in cfg.budgets():
@@ -299,7 +318,7 @@ class Bench:
                 if rd is rounds[-1] or main:
                     rows, t = harp_rows(rd["post"], cfg.envelope, budget)
                     add("harp_active", budget, rows, rd["runs"], rd["cost"] + t, round=rd["round"])
-            rows, t = harp_rows(post_all, cfg.envelope, budget)
+            rows, t = harp_rows(post_all, cfg.envelope, budget, oracle=True)
             add("exhaustive", budget, rows, G, cost_all + t)
             t = time.perf_counter()
             ts = stages.select_tsds(self.X, self.Q, budget, seed=seed, params=s.tsds_params())
@@ -341,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--envelope", default="expansive", choices=("conservative", "expansive"),
                     help="envelope of harp_active and the exhaustive oracle (default %(default)s)")
     ap.add_argument("--validation-epochs", type=int, default=None, help="override the validation recipe's epochs")
+    ap.add_argument("--validation-seeds", type=int, default=DEFAULT_VALIDATION_SEEDS,
+                    help="LoRA validation runs per selection, averaged (default %(default)s)")
+    ap.add_argument("--variant", default="reference",
+                    help="HARP method options for harp_c/harp_e/harp_active, by name from "
+                         "benchmarks.quality.harness.VARIANTS (default %(default)s)")
     ap.add_argument("--demo-dir", default=None, help="demo folder (default demo_data/bench; the base model is reused across pool sizes)")
     ap.add_argument("--out", default="reports/benchmark", help="report folder (default %(default)s)")
     ap.add_argument("--measure-only", action="store_true",
@@ -354,12 +378,15 @@ def main(argv: list[str] | None = None) -> int:
             pool_size=args.pool_size, seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
             denominators=tuple(int(x) for x in args.budgets.split(",") if x.strip()), main_denominator=args.main,
             active_runs=args.active_runs, active_rounds=args.active_rounds, envelope=args.envelope,
-            validation_epochs=args.validation_epochs)
+            validation_epochs=args.validation_epochs, validation_seeds=args.validation_seeds,
+            variant=args.variant)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not cfg.seeds or not cfg.denominators or min(cfg.denominators) < 1 or cfg.main_denominator not in cfg.denominators:
-        print("error: give at least one seed and budget denominator (each >= 1), and --main among --budgets",
+    if (not cfg.seeds or not cfg.denominators or min(cfg.denominators) < 1 or cfg.validation_seeds < 1
+            or cfg.main_denominator not in cfg.denominators):
+        print("error: give at least one seed, validation seed and budget denominator (each >= 1), and --main "
+              "among --budgets",
               file=sys.stderr)
         return 2
     if args.measure_only:
