@@ -76,7 +76,7 @@ class Bench:
     """The shared, seed-independent part: demo files, embeddings, models, base scores."""
 
     def __init__(self, cfg: BenchConfig, demo_dir: Path, out: Path, *, base_model: Any = None,
-                 embedder: Any = None, threads: int = 0, settings: Any = None) -> None:
+                 embedder: Any = None, threads: int = 0, settings: Any = None, cache: Path | None = None) -> None:
         from harp import stages
         from harp.config import HarpSettings
         from harp.contracts import load_eval_set, load_pool
@@ -90,6 +90,9 @@ class Bench:
 
         self.cfg = cfg
         self.out = out
+        # Leaf measurements, validation runs and LESS scores are keyed by what they depend on, so runs with
+        # other selection settings (a --variant) can share one cache folder and train only what differs.
+        self.cache = cache if cache is not None else out / "cache"
         t0 = time.perf_counter()
         paths = build_demo(demo_dir, pool_size=cfg.pool_size, seed=cfg.demo_seed, model=base_model)
         self.demo_seconds = time.perf_counter() - t0
@@ -122,7 +125,7 @@ class Bench:
         # TSDS's queries are embedded as candidates are: prompt plus the correct answer.
         queries = stages.eval_item_texts(self.eval_set)
         key = _fingerprint([embedder.model_id, self.ids, texts, queries])
-        cache = out / "cache" / f"embeddings-{key}.npz"
+        cache = self.cache / f"embeddings-{key}.npz"
         t0 = time.perf_counter()
         if cache.is_file():
             with np.load(cache) as z:
@@ -143,7 +146,7 @@ class Bench:
 
     def _cache_file(self, kind: str, seed: int, *parts: Any) -> Path:
         key = _fingerprint([self.demo_fingerprint, self.recipe, seed, *parts])
-        return self.out / "cache" / f"{kind}-seed{seed}-{key}"
+        return self.cache / f"{kind}-seed{seed}-{key}"
 
     def validate(self, rows: list[int], seed: int) -> tuple[dict[str, float], float, float]:
         """(per-domain test accuracy, mean, seconds) of an adapter trained on `rows` with the fixed recipe.
@@ -367,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                          "benchmarks.quality.harness.VARIANTS (default %(default)s)")
     ap.add_argument("--demo-dir", default=None, help="demo folder (default demo_data/bench; the base model is reused across pool sizes)")
     ap.add_argument("--out", default="reports/benchmark", help="report folder (default %(default)s)")
+    ap.add_argument("--cache", default=None, help="cache folder (default OUT/cache); variants can share one")
     ap.add_argument("--measure-only", action="store_true",
                     help="only measure every leaf and write the offline harness's entries (no selection, no "
                          "validation): the input of benchmarks/quality/harness.py")
@@ -390,11 +394,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if args.measure_only:
-        bench = Bench(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out))
+        bench = Bench(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out),
+                      cache=Path(args.cache) if args.cache else None)
         for seed in cfg.seeds:
             print(f"harness entry: {bench.measure_seed(seed)[2]}")
         return 0
-    paths = run_benchmark(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out))
+    paths = run_benchmark(cfg, Path(args.demo_dir or "demo_data/bench"), Path(args.out),
+                          cache=Path(args.cache) if args.cache else None)
     print(f"benchmark report: {paths['README.md']}")
     return 0
 
@@ -408,7 +414,7 @@ def run_benchmark(cfg: BenchConfig, demo_dir: Path, out: Path, **bench_kw: Any) 
     records: list[dict] = []
     diagnostics: list[dict] = []
     for seed in cfg.seeds:
-        cache = out / "cache" / f"seed-{seed}-{key}.json"
+        cache = bench.cache / f"seed-{seed}-{key}.json"
         if cache.is_file():
             got = json.loads(cache.read_text())
             log.info("seed %d: reusing %s", seed, cache)
