@@ -221,7 +221,7 @@ class Bench:
 
         return kind_shares([self.ids[r] for r in rows], self.truth, ("harmful", "redundant"))
 
-    def measure_seed(self, seed: int) -> tuple[Any, tuple[dict[int, np.ndarray], np.ndarray], Path]:
+    def measure_seed(self, seed: int) -> tuple[Any, tuple[dict[int, np.ndarray], np.ndarray], Path | None]:
         """The seed's hierarchy, every leaf measured (cached), and the offline harness's entry for it."""
         from harp import stages
 
@@ -229,7 +229,9 @@ class Bench:
         log.info("seed %d: %d leaves, %d representatives; measuring every leaf (the exhaustive oracle)",
                  seed, h.n_leaves, len(h.representatives))
         measured = self.measure_all(h, seed)
-        entry = self.write_harness_entry(h, seed, measured[0])  # offline harness input (harness.py)
+        # Offline harness input (harness.py), from reference runs only: the harness applies variants itself,
+        # and one entry per seed keeps its glob from counting a seed twice.
+        entry = self.write_harness_entry(h, seed, measured[0]) if self.cfg.variant == "reference" else None
         return h, measured, entry
 
     def run_seed(self, seed: int) -> tuple[list[dict], dict]:
