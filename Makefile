@@ -7,7 +7,7 @@ export DAGSTER_HOME := $(abspath dagster_home)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint bench bench-method bench-models bench-incremental bench-ray bench-scale demo validate ui demo-data gpu-check
+.PHONY: setup test test-fast lint bench bench-harness bench-method bench-models bench-incremental bench-ray bench-scale demo validate ui demo-data gpu-check
 
 setup: $(VENV)/.installed
 
@@ -67,6 +67,14 @@ validate: setup
 BENCH_FLAGS ?=
 bench: setup
 	$(PY) -m benchmarks.quality.run --out docs/benchmark $(BENCH_FLAGS)
+
+# The offline harness (docs/benchmark.md#offline-harness): every leaf of the benchmark's seeds measured (cached with
+# `make bench`'s), then each method variant fitted on half of the proxy questions and scored on the other half
+# against the exhaustive oracle. Report: docs/benchmark/harness.md and .json. Run it alone.
+bench-harness: setup
+	$(PY) -m benchmarks.quality.run --out docs/benchmark --measure-only $(BENCH_FLAGS)
+	$(PY) -m benchmarks.quality.harness --cache docs/benchmark/cache --splits 5 --budget 7 \
+		--json docs/benchmark/harness.json --markdown docs/benchmark/harness.md
 
 # Incremental re-selection: a full run on the demo, then 3 growths of 10% (new pool files), each re-run against a
 # from-scratch run on the same pool: leaves trained, wall time, validated accuracy over 3 seeds. The report

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from harp.config import HarpSettings
-from harp.io import write_json, write_npz
+from harp.io import write_json, write_npz, write_text
 from harp.method.hierarchy import Hierarchy, choose_representatives
 from harp.method.posteriors import bootstrap_main_effects
 
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--active-runs", type=int, default=4, help="leaves per replayed active round (default %(default)s)")
     ap.add_argument("--active-rounds", type=int, default=2, help="replayed active rounds (default %(default)s)")
     ap.add_argument("--json", default=None, help="also write every row and the summary to this file")
+    ap.add_argument("--markdown", default=None, help="also write the ranking table, with how it was made, to this file")
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
@@ -289,7 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                     envelopes=[e for e in args.envelopes.split(",") if e], active_runs=args.active_runs,
                     active_rounds=args.active_rounds)
     summary = summarise(rows)
-    print(markdown(summary))
+    table = markdown(summary)
+    print(table)
+    if args.markdown:
+        cmd = " ".join(["python -m benchmarks.quality.harness", *(argv if argv is not None else sys.argv[1:])])
+        write_text(Path(args.markdown), f"# Offline harness ranking\n\nMade by `{cmd}` over {len(files)} "
+                   f"entries ({', '.join(f.name for f in files)}); how to read it: "
+                   "[../benchmark.md](../benchmark.md#offline-harness).\n\n" + table.rstrip() + "\n")
     if args.json:
         write_json(Path(args.json), {"rows": rows, "summary": summary, "entries": [str(f) for f in files]})
     return 0
