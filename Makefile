@@ -61,10 +61,11 @@ demo: setup
 validate: setup
 	$(PY) -m harp_demo.run --validate --pool-size $(DEMO_POOL) --seed $(DEMO_SEED)
 
-# The selection-quality and cost benchmark: HARP-C/E, active rounds, exhaustive oracle, TSDS, random and the
-# full pool over 3 seeds and 3 budgets; the report (committed, quoted by the README) in docs/benchmark/. A quick look: BENCH_FLAGS="--pool-size
-# 2000 --seeds 0". Finished seeds are cached, so an interrupted run resumes.
-BENCH_FLAGS ?=
+# The selection-quality and cost benchmark: HARP-C/E, active rounds, exhaustive oracle, LESS, TSDS, random and the
+# full pool over 3 seeds at the 1/7 budget, each selection validated on 3 LoRA seeds; the report (committed, quoted
+# by the README) in docs/benchmark/. The budget sweep: BENCH_FLAGS="--budgets 14,7,3 --main 7"; a quick look:
+# BENCH_FLAGS="--pool-size 2000 --seeds 0 --budgets 7". Leaves, validations and seeds are cached, so a run resumes.
+BENCH_FLAGS ?= --budgets 7 --main 7
 bench: setup
 	$(PY) -m benchmarks.quality.run --out docs/benchmark $(BENCH_FLAGS)
 
